@@ -1,0 +1,3 @@
+from safe_cli.cli.main import main
+
+main()

@@ -1,0 +1,40 @@
+"""The `safe` command: one small module per subcommand, registered here."""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+from .common import State
+from .validate import validate
+
+app = typer.Typer(
+    name="safe",
+    help="SAFE: add audio understanding to a frozen vision-language model without regressing it.\n\n"
+    "Example: safe validate demo",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"safe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    State.debug = debug
+
+
+app.command("validate")(validate)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,357 @@
+"""The profile schema: every setting SAFE reads, with its meaning as its description.
+
+Each field's ``description`` is also its help text (``safe validate --explain``) and the
+comment written beside it when a resolved profile is saved. Models forbid unknown keys so a
+typo (``fusion.lyers``) is an error with its key path, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- base model
+
+
+class TinyLlavaConfig(Section):
+    """Dimensions of the built-in LLaVA-architecture model (CLIP-style vision tower + Llama)."""
+
+    vocab_size: int = Field(320, ge=16, description="Tokenizer vocabulary size.")
+    hidden_size: int = Field(64, ge=8, description="LLM hidden size.")
+    num_layers: int = Field(4, ge=1, description="Number of LLM decoder layers.")
+    num_attention_heads: int = Field(4, ge=1, description="LLM attention heads.")
+    num_key_value_heads: int = Field(2, ge=1, description="LLM key/value heads (grouped-query attention).")
+    intermediate_size: int = Field(128, ge=8, description="LLM MLP width.")
+    max_position_embeddings: int = Field(256, ge=16, description="Longest sequence the LLM accepts.")
+    image_size: int = Field(28, ge=8, description="Side of the square input image in pixels.")
+    patch_size: int = Field(7, ge=1, description="Vision-tower patch side; image_size must be a multiple.")
+    vision_hidden_size: int = Field(32, ge=8, description="Vision-tower hidden size.")
+    vision_layers: int = Field(2, ge=1, description="Vision-tower transformer layers.")
+    vision_heads: int = Field(2, ge=1, description="Vision-tower attention heads.")
+
+    @model_validator(mode="after")
+    def _shapes_agree(self) -> "TinyLlavaConfig":
+        problems = []
+        if self.hidden_size % self.num_attention_heads:
+            problems.append("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.image_size % self.patch_size:
+            problems.append("image_size must be a multiple of patch_size")
+        if self.vision_hidden_size % self.vision_heads:
+            problems.append("vision_hidden_size must be a multiple of vision_heads")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+BaseKind = Literal["tiny-llava", "hf-llava", "hf-blip2"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class BaseModelConfig(Section):
+    """The frozen vision-language model SAFE wraps."""
+
+    kind: BaseKind = Field(
+        "tiny-llava",
+        description="tiny-llava (built-in, CPU), hf-llava (LlavaForConditionalGeneration) or "
+        "hf-blip2 (Blip2ForConditionalGeneration).",
+    )
+    name_or_path: Optional[str] = Field(
+        None,
+        description="Hugging Face hub id or local directory for hf-* kinds (loaded with "
+        "from_pretrained, processor with AutoProcessor). Unused for tiny-llava.",
+    )
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) for hf-* kinds.")
+    dtype: DType = Field(
+        "float32",
+        description="Dtype of the frozen base weights. bfloat16/float16 are for GPUs; the trainable "
+        "parts always stay float32.",
+    )
+    tiny: TinyLlavaConfig = Field(default_factory=TinyLlavaConfig, description="Dimensions for tiny-llava.")
+    seed: int = Field(0, description="Initialisation seed of the tiny-llava weights (before its pretraining).")
+
+    @model_validator(mode="after")
+    def _path_for_hf(self) -> "BaseModelConfig":
+        if self.kind != "tiny-llava" and not self.name_or_path:
+            raise ValueError(f"name_or_path is required when kind is {self.kind!r}")
+        return self
+
+
+# --------------------------------------------------------------------------- audio
+
+
+class WhisperConfig(Section):
+    name_or_path: str = Field(
+        "small",
+        description="openai-whisper model name (tiny, base, small, ...) or a path to a .pt "
+        "checkpoint, loaded with whisper.load_model. Only the encoder is kept.",
+    )
+
+
+class ClapConfig(Section):
+    name_or_path: str = Field(
+        "laion/clap-htsat-unfused",
+        description="Hugging Face hub id or local directory of a ClapModel and its feature extractor.",
+    )
+
+
+class AudioEncoderConfig(Section):
+    """The frozen audio encoder whose features the projector turns into audio tokens."""
+
+    kind: Literal["tiny-whisper", "whisper", "clap", "both"] = Field(
+        "tiny-whisper",
+        description="tiny-whisper (built-in whisper-architecture encoder), whisper, clap, or both "
+        "(whisper frames with the CLAP embedding concatenated to each).",
+    )
+    whisper: WhisperConfig = Field(default_factory=WhisperConfig, description="Settings for whisper and both.")
+    clap: ClapConfig = Field(default_factory=ClapConfig, description="Settings for clap and both.")
+    tiny_state: int = Field(64, ge=8, description="tiny-whisper: encoder width.")
+    tiny_layers: int = Field(2, ge=1, description="tiny-whisper: encoder layers.")
+    tiny_heads: int = Field(2, ge=1, description="tiny-whisper: encoder attention heads.")
+
+
+# --------------------------------------------------------------------------- trainable parts
+
+
+class ProjectorConfig(Section):
+    num_tokens: int = Field(
+        12, ge=1, le=256, description="K_max: audio tokens the projector makes; a budget k uses the first k."
+    )
+    mlp_ratio: float = Field(2.0, gt=0, description="Width of the projector's MLP relative to the LLM hidden size.")
+    num_heads: int = Field(4, ge=1, description="Heads of the projector's pooling attention.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the projector during training.")
+
+
+class FusionConfig(Section):
+    layers: list[int] = Field(
+        default_factory=lambda: [1, 3],
+        description="LLM decoder layers (0-based) after which gated audio cross-attention is inserted.",
+    )
+    lora_rank: int = Field(8, ge=1, description="LoRA rank of the cross-attention projections (peft).")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    init_from_base: bool = Field(
+        True,
+        description="Initialise the cross-attention q/k/v/o from the base layer's own self-attention "
+        "(frozen) and learn LoRA deltas; false trains fresh projections fully.",
+    )
+    gate_init: float = Field(
+        0.0, description="Initial value of each layer's tanh gate; 0 makes the untrained model equal the base."
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_unique(cls, layers: list[int]) -> list[int]:
+        if not layers:
+            raise ValueError("at least one fusion layer is needed")
+        if any(layer < 0 for layer in layers):
+            raise ValueError("layer indices must be >= 0")
+        if len(set(layers)) != len(layers):
+            raise ValueError("layer indices must be unique")
+        return sorted(layers)
+
+
+class PolicyConfig(Section):
+    token_budgets: list[int] = Field(
+        default_factory=lambda: [0, 4, 8, 12],
+        description="Budget set the policy chooses from; must contain 0 (skip audio entirely).",
+    )
+    hidden_size: int = Field(64, ge=4, description="Hidden width of the policy network.")
+
+    @field_validator("token_budgets")
+    @classmethod
+    def _budgets(cls, budgets: list[int]) -> list[int]:
+        if 0 not in budgets:
+            raise ValueError("must contain 0 (the budget that skips audio and keeps the base bit-exact)")
+        if any(b < 0 for b in budgets):
+            raise ValueError("budgets must be >= 0")
+        if len(set(budgets)) != len(budgets):
+            raise ValueError("budgets must be unique")
+        if len(budgets) < 2:
+            raise ValueError("needs at least one positive budget besides 0")
+        return sorted(budgets)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "fsdd-mnist", "manifest"] = Field(
+        "synthetic",
+        description="synthetic (embedded AV-digits, needs nothing), fsdd-mnist (real FSDD + MNIST "
+        "under root) or manifest (train_manifest / eval_manifests).",
+    )
+    root: Optional[str] = Field(
+        None, description="Directory of FSDD + MNIST for fsdd-mnist; the SAFE_DATA_ROOT environment variable "
+        "overrides it, --set data.root=DIR overrides both."
+    )
+    split: Literal["takes", "speakers"] = Field(
+        "takes", description="fsdd-mnist test split: FSDD takes 0-4 (convention) or held-out speakers."
+    )
+    held_out_speakers: list[str] = Field(
+        default_factory=lambda: ["theo"], description="Speakers held out when split is speakers."
+    )
+    train_manifest: Optional[str] = Field(None, description="Training manifest (JSON/JSONL) for source manifest.")
+    eval_manifests: list[str] = Field(default_factory=list, description="Evaluation manifests for source manifest.")
+    num_train: int = Field(2000, ge=1, description="Training examples generated per question family.")
+    num_eval: int = Field(200, ge=1, description="Evaluation examples generated per question family.")
+    sample_rate: int = Field(16000, ge=1000, description="Audio is resampled to this rate before encoding.")
+    max_audio_seconds: float = Field(30.0, gt=0, description="Longer clips are cut to this length.")
+
+
+# --------------------------------------------------------------------------- training
+
+
+class StageAConfig(Section):
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per step (per process).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr_projector: float = Field(1e-3, gt=0, description="Learning rate of the projector.")
+    lr_adapter: float = Field(5e-4, gt=0, description="Learning rate of the fusion adapters (LoRA + gates).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before cosine decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    retention_every: int = Field(2, ge=1, description="A retention batch every N steps.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint interval in steps (and at the end).")
+    log_every: int = Field(10, ge=1, description="Metrics interval in steps.")
+
+
+class StageBConfig(Section):
+    steps: int = Field(300, ge=1, description="Policy-gradient steps.")
+    batch_size: int = Field(32, ge=1, description="Examples per step.")
+    lr: float = Field(1e-3, gt=0, description="Policy learning rate.")
+    alpha: float = Field(0.5, ge=0, description="Weight of normalised compute in the reward.")
+    entropy_weight: float = Field(0.01, ge=0, description="Entropy bonus.")
+    lagrange_lr: float = Field(0.05, ge=0, description="Step size of the retention multiplier.")
+    tune_adapters: bool = Field(False, description="Lightly tune the fusion adapters during Stage B.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint interval in steps.")
+
+
+class StageCConfig(Section):
+    target: Literal["accuracy", "audio_usage"] = Field(
+        "accuracy", description="What the gate's threshold is calibrated for."
+    )
+    target_value: float = Field(
+        0.99, gt=0, le=1, description="Fraction of the policy's accuracy to keep, or the audio-usage rate."
+    )
+    steps: int = Field(200, ge=1, description="Distillation steps.")
+    hidden_size: int = Field(16, ge=1, description="Hidden width of the light gate.")
+
+
+class TrainingConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when available.")
+    stage_a: StageAConfig = Field(default_factory=StageAConfig, description="Stage A: alignment.")
+    stage_b: StageBConfig = Field(default_factory=StageBConfig, description="Stage B: policy learning.")
+    stage_c: StageCConfig = Field(default_factory=StageCConfig, description="Stage C: policy distillation.")
+
+
+# --------------------------------------------------------------------------- retention
+
+
+class RetentionVariant(Section):
+    """Weights of the retention terms; the seed's five variants are built in (variants.py)."""
+
+    extends: Optional[str] = Field(
+        None, description="Start from this variant (built-in or defined earlier) and override the given fields."
+    )
+    description: str = Field("", description="What this variant is for.")
+    retention_loss_weight: float = Field(1.0, ge=0, description="Scale of the whole retention loss.")
+    distillation_weight: float = Field(0.0, ge=0, description="Weight of KL(teacher || student) on answer tokens.")
+    fisher_weight: float = Field(0.0, ge=0, description="Weight of the diagonal-Fisher (EWC) penalty.")
+    enable_null_space: bool = Field(False, description="Project gradients off protected input directions.")
+    null_space_rank: int = Field(8, ge=1, description="Protected singular directions per layer.")
+    null_space_min_samples: int = Field(128, ge=1, description="Inputs collected before projecting.")
+    null_space_refresh_interval: int = Field(4000, ge=1, description="Steps between recomputing the bases.")
+
+
+class RetentionConfig(Section):
+    temperature: float = Field(2.0, gt=0, description="Distillation temperature T (the loss is scaled by T^2).")
+    fisher_samples: int = Field(64, ge=1, description="Retention examples used to estimate the diagonal Fisher.")
+    default_variant: str = Field("soft_retention", description="Variant used when --variant is not given.")
+    variants: dict[str, RetentionVariant] = Field(
+        default_factory=dict,
+        description="Extra variants (or overrides of built-ins), merged over the built-in five.",
+    )
+
+
+# --------------------------------------------------------------------------- evaluation, sweep
+
+
+class EvaluationConfig(Section):
+    tolerance: float = Field(0.005, ge=0, lt=1, description="Allowed accuracy drop (0.005 = 0.5 points).")
+    significance: float = Field(0.05, gt=0, lt=1, description="Significance level of McNemar's exact test.")
+    bootstrap_samples: int = Field(2000, ge=100, description="Paired bootstrap resamples for the 95% interval.")
+    max_examples: Optional[int] = Field(None, ge=1, description="Cap on examples per task (None = all).")
+    batch_size: int = Field(32, ge=1, description="Evaluation batch size.")
+
+
+class SlurmConfig(Section):
+    partition: Optional[str] = Field(None, description="sbatch --partition.")
+    account: Optional[str] = Field(None, description="sbatch --account.")
+    time: str = Field("04:00:00", description="sbatch --time (HH:MM:SS or D-HH:MM:SS).")
+    gpus: int = Field(0, ge=0, description="GPUs per array task.")
+    cpus: int = Field(2, ge=1, description="CPUs per array task.")
+    mem: str = Field("8G", description="sbatch --mem.")
+    signal_seconds: int = Field(
+        120, ge=0, description="Seconds before the time limit at which the job is signalled to checkpoint."
+    )
+    setup: list[str] = Field(
+        default_factory=list, description="Shell lines run before safe (module load, venv activation)."
+    )
+    extra_args: list[str] = Field(default_factory=list, description="Further #SBATCH lines, e.g. --qos=high.")
+
+    @field_validator("time")
+    @classmethod
+    def _time_format(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}(:\d{2})?", value):
+            raise ValueError("expected HH:MM:SS or D-HH:MM:SS")
+        return value
+
+
+class SweepConfig(Section):
+    variants: list[str] = Field(
+        default_factory=lambda: ["no_retention", "soft_retention", "fisher_retention",
+                                 "nullspace_retention", "full_retention"],
+        description="Variants in the sweep grid.",
+    )
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], description="Seeds in the sweep grid.")
+    stages: list[Literal["a", "b", "c"]] = Field(default_factory=lambda: ["a"], description="Stages to run.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Options for --slurm.")
+
+
+# --------------------------------------------------------------------------- the profile
+
+
+class Profile(Section):
+    """A whole SAFE profile: what to wrap, what to train, how to judge it."""
+
+    name: str = Field(..., min_length=1, description="Profile name; part of every run directory.")
+    description: str = Field("", description="One line on what this profile is for.")
+    extends: Optional[str] = Field(
+        None, description="Built-in profile name or path whose settings this file overrides (resolved on load)."
+    )
+    seed: int = Field(0, description="Default seed of runs (overridden by --seed).")
+    runs_dir: str = Field("runs", description="Where run directories are created.")
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig, description="The frozen VL model.")
+    audio_encoder: AudioEncoderConfig = Field(default_factory=AudioEncoderConfig, description="The frozen audio encoder.")
+    projector: ProjectorConfig = Field(default_factory=ProjectorConfig, description="Audio projector.")
+    fusion: FusionConfig = Field(default_factory=FusionConfig, description="Gated LoRA cross-attention fusion.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Token-budget policy.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and evaluation data.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Per-stage training settings.")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig, description="Retention variants.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Retention evaluation.")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Sweeps, local and SLURM.")

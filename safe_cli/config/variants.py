@@ -1,0 +1,82 @@
+"""The seed's five retention variants, and how a profile adds or overrides its own."""
+
+from __future__ import annotations
+
+from .schema import RetentionVariant
+
+BUILTIN_VARIANTS: dict[str, RetentionVariant] = {
+    "no_retention": RetentionVariant(
+        description="No retention terms: the adapter is trained on audio tasks only.",
+        retention_loss_weight=0.0,
+    ),
+    "soft_retention": RetentionVariant(
+        description="KL distillation to the frozen base on retention batches.",
+        distillation_weight=0.2,
+    ),
+    "fisher_retention": RetentionVariant(
+        description="KL distillation plus a diagonal-Fisher (EWC) penalty.",
+        distillation_weight=0.2,
+        fisher_weight=0.1,
+    ),
+    "nullspace_retention": RetentionVariant(
+        description="KL distillation plus null-space gradient projection.",
+        distillation_weight=0.2,
+        enable_null_space=True,
+        null_space_rank=8,
+        null_space_min_samples=128,
+        null_space_refresh_interval=4000,
+    ),
+    "full_retention": RetentionVariant(
+        description="KL distillation, Fisher penalty and null-space projection together.",
+        distillation_weight=0.2,
+        fisher_weight=0.1,
+        enable_null_space=True,
+        null_space_rank=8,
+        null_space_min_samples=128,
+        null_space_refresh_interval=4000,
+    ),
+}
+
+
+class VariantError(ValueError):
+    """A variant that cannot be resolved; ``key`` is the profile key path at fault."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def resolve_variants(custom: dict[str, RetentionVariant]) -> dict[str, RetentionVariant]:
+    """Built-ins merged with a profile's own variants, each ``extends`` chain followed.
+
+    A custom variant only states what differs: fields it sets explicitly override the variant
+    it extends (or the built-in of the same name); the rest are inherited.
+    """
+    resolved = dict(BUILTIN_VARIANTS)
+
+    def resolve(name: str, chain: tuple[str, ...]) -> RetentionVariant:
+        if name in chain:
+            raise VariantError(
+                f"retention.variants.{name}.extends", f"cycle in extends: {' -> '.join(chain + (name,))}"
+            )
+        if name not in custom:
+            return resolved[name]
+        spec = custom[name]
+        parent_name = spec.extends or (name if name in BUILTIN_VARIANTS else None)
+        if parent_name is None:
+            parent = RetentionVariant()
+        elif parent_name == name:
+            parent = BUILTIN_VARIANTS[name]
+        elif parent_name in custom or parent_name in BUILTIN_VARIANTS:
+            parent = resolve(parent_name, chain + (name,))
+        else:
+            raise VariantError(
+                f"retention.variants.{name}.extends",
+                f"unknown variant {parent_name!r} (known: {', '.join(sorted(set(resolved) | set(custom)))})",
+            )
+        overrides = spec.model_dump(include=spec.model_fields_set - {"extends"})
+        return parent.model_copy(update=overrides | {"extends": None})
+
+    for name in custom:
+        resolved[name] = resolve(name, ())
+    return resolved

@@ -1,0 +1,194 @@
+"""Frozen audio encoders: openai-whisper's encoder, CLAP's audio tower, or both.
+
+Every encoder takes a list of mono waveforms at its own ``sample_rate`` (1-D float arrays or
+tensors, any lengths) and returns features of shape (B, T, D):
+
+    whisper / tiny-whisper  (B, 1500, d_model)             whisper's 30 s window, 20 ms frames
+    clap                    (B, 1, projection_dim)          the pooled, projected CLAP embedding
+    both                    (B, 1500, d_model + proj_dim)   the CLAP embedding joined to every frame
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config.schema import AudioEncoderConfig
+from ..errors import SafeError
+from .fingerprint import fingerprint_module
+
+Waveform = Union[np.ndarray, torch.Tensor]
+WHISPER_SAMPLE_RATE = 16_000
+
+
+def _as_tensor(wave: Waveform) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(wave, dtype=np.float32) if not torch.is_tensor(wave) else wave)
+    if tensor.dim() != 1:
+        raise ValueError(f"expected a mono 1-D waveform, got shape {tuple(tensor.shape)}")
+    return tensor.float()
+
+
+class AudioEncoder(nn.Module):
+    """Base class: frozen, eval mode, no gradients."""
+
+    sample_rate: int
+    feature_dim: int
+
+    def freeze(self) -> "AudioEncoder":
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> "AudioEncoder":
+        return super().train(False)  # frozen: dropout and the like stay off, whatever the caller says
+
+    def fingerprint(self) -> str:
+        return fingerprint_module(self)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def whisper_log_mel(waves: Sequence[Waveform], n_mels: int, device: torch.device) -> torch.Tensor:
+    """Whisper's log-mel of each clip padded or cut to 30 s, as one batch (B, n_mels, 3000).
+
+    Equal to ``whisper.log_mel_spectrogram(whisper.pad_or_trim(clip))`` per clip; whisper's own
+    function clamps against the maximum of the whole batch, so batching it directly would make
+    a clip's features depend on its neighbours.
+    """
+    import whisper
+
+    audio = torch.stack([whisper.pad_or_trim(_as_tensor(w)) for w in waves]).to(device)
+    window = torch.hann_window(whisper.audio.N_FFT, device=device)
+    stft = torch.stft(audio, whisper.audio.N_FFT, whisper.audio.HOP_LENGTH, window=window, return_complex=True)
+    mel = whisper.audio.mel_filters(device, n_mels) @ (stft[..., :-1].abs() ** 2)
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+class WhisperEncoder(AudioEncoder):
+    """The encoder half of an openai-whisper model (the text decoder is dropped)."""
+
+    sample_rate = WHISPER_SAMPLE_RATE
+
+    def __init__(self, encoder: nn.Module, n_mels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.n_mels = n_mels
+        self.feature_dim = encoder.ln_post.normalized_shape[0]
+        self.freeze()
+
+    @classmethod
+    def load(cls, name_or_path: str, device: Union[str, torch.device] = "cpu") -> "WhisperEncoder":
+        """``whisper.load_model`` by name (downloads to whisper's cache) or from a local ``.pt`` file."""
+        import whisper
+
+        is_name = name_or_path in whisper.available_models()
+        if not is_name and not Path(name_or_path).expanduser().is_file():
+            raise SafeError(f"audio_encoder.whisper.name_or_path: whisper checkpoint not found: {name_or_path}")
+        try:
+            model = whisper.load_model(
+                name_or_path if is_name else str(Path(name_or_path).expanduser()), device=str(device)
+            )
+        except (RuntimeError, OSError, KeyError, ValueError) as exc:
+            raise SafeError(f"audio_encoder.whisper.name_or_path: cannot load {name_or_path!r}: {exc}") from exc
+        return cls(model.encoder, model.dims.n_mels)
+
+    @classmethod
+    def tiny(cls, state: int, layers: int, heads: int, seed: int = 0) -> "WhisperEncoder":
+        """A whisper-architecture encoder of the given size (random init; pretrained by the benchmark)."""
+        from whisper.model import AudioEncoder as WhisperAudioEncoder
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = WhisperAudioEncoder(n_mels=80, n_ctx=1500, n_state=state, n_head=heads, n_layer=layers)
+        return cls(encoder, 80)
+
+    def forward(self, waves: Sequence[Waveform]) -> torch.Tensor:
+        mel = whisper_log_mel(waves, self.n_mels, self.device)
+        return self.encoder(mel.to(next(self.encoder.parameters()).dtype))
+
+
+class ClapEncoder(AudioEncoder):
+    """The audio tower of a transformers ``ClapModel``, pooled and projected: (B, 1, projection_dim)."""
+
+    sample_rate = 48_000
+
+    def __init__(self, model: nn.Module, feature_extractor):
+        super().__init__()
+        self.model = model
+        self.feature_extractor = feature_extractor
+        self.feature_dim = model.config.projection_dim
+        # Unfused checkpoints take one mel channel; "fusion" truncation makes four.
+        self.truncation = "fusion" if model.config.audio_config.enable_fusion else "rand_trunc"
+        self.max_samples = int(feature_extractor.nb_max_samples)
+        self.freeze()
+
+    @classmethod
+    def load(cls, name_or_path: str, device: Union[str, torch.device] = "cpu") -> "ClapEncoder":
+        from transformers import AutoFeatureExtractor, ClapModel
+
+        local = Path(name_or_path).expanduser()
+        if name_or_path.startswith(("/", ".", "~")) and not local.is_dir():
+            raise SafeError(f"audio_encoder.clap.name_or_path: local model directory not found: {name_or_path}")
+        source = str(local) if local.is_dir() else name_or_path
+        try:
+            model = ClapModel.from_pretrained(source)
+            extractor = AutoFeatureExtractor.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise SafeError(f"audio_encoder.clap.name_or_path: cannot load {name_or_path!r}: {exc}") from exc
+        return cls(model.to(device), extractor)
+
+    def forward(self, waves: Sequence[Waveform]) -> torch.Tensor:
+        # Cut to the extractor's window ourselves: "rand_trunc" would otherwise crop at random.
+        clips = [_as_tensor(w)[: self.max_samples].numpy() for w in waves]
+        inputs = self.feature_extractor(
+            clips, sampling_rate=self.sample_rate, return_tensors="pt", truncation=self.truncation
+        )
+        features = inputs["input_features"].to(self.device, dtype=next(self.model.parameters()).dtype)
+        kwargs = {"is_longer": inputs["is_longer"].to(self.device)} if self.truncation == "fusion" else {}
+        output = self.model.get_audio_features(input_features=features, **kwargs)
+        embedding = output if torch.is_tensor(output) else output.pooler_output  # tensor before transformers 5
+        return embedding.unsqueeze(1)
+
+
+class WhisperClapEncoder(AudioEncoder):
+    """Whisper frames with the clip's CLAP embedding concatenated to each frame."""
+
+    sample_rate = WHISPER_SAMPLE_RATE
+
+    def __init__(self, whisper_encoder: WhisperEncoder, clap_encoder: ClapEncoder):
+        super().__init__()
+        self.whisper = whisper_encoder
+        self.clap = clap_encoder
+        self.feature_dim = whisper_encoder.feature_dim + clap_encoder.feature_dim
+        self.freeze()
+
+    def forward(self, waves: Sequence[Waveform]) -> torch.Tensor:
+        from scipy.signal import resample_poly
+
+        frames = self.whisper(waves)
+        ratio = ClapEncoder.sample_rate // WHISPER_SAMPLE_RATE
+        upsampled = [resample_poly(_as_tensor(w).numpy(), ratio, 1).astype(np.float32) for w in waves]
+        pooled = self.clap(upsampled).to(frames.dtype)
+        return torch.cat([frames, pooled.expand(-1, frames.shape[1], -1)], dim=-1)
+
+
+def load_audio_encoder(
+    cfg: AudioEncoderConfig, device: Union[str, torch.device] = "cpu", seed: Optional[int] = 0
+) -> AudioEncoder:
+    """Build the profile's audio encoder, frozen."""
+    if cfg.kind == "tiny-whisper":
+        return WhisperEncoder.tiny(cfg.tiny_state, cfg.tiny_layers, cfg.tiny_heads, seed or 0).to(device)
+    if cfg.kind == "whisper":
+        return WhisperEncoder.load(cfg.whisper.name_or_path, device)
+    if cfg.kind == "clap":
+        return ClapEncoder.load(cfg.clap.name_or_path, device)
+    return WhisperClapEncoder(
+        WhisperEncoder.load(cfg.whisper.name_or_path, device), ClapEncoder.load(cfg.clap.name_or_path, device)
+    )

@@ -1,0 +1,195 @@
+"""The frozen base vision-language model behind one small interface.
+
+Three kinds: Hugging Face LLaVA, Hugging Face BLIP-2 (both ``from_pretrained`` from a hub id or
+a local directory, with their ``AutoProcessor``), and ``tiny-llava``, the same
+``LlavaForConditionalGeneration`` class built from a tiny config so CPU work runs the code path
+that a GPU user runs with LLaVA-1.5.
+
+Whatever the kind, the base is frozen (``requires_grad=False``, eval mode) the moment it is
+loaded; SAFE only reads its hidden states and adds to them through forward hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config.schema import BaseModelConfig, TinyLlavaConfig
+from ..errors import SafeError
+from .fingerprint import fingerprint_module
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BaseVLModel:
+    """A loaded, frozen base model and what SAFE needs to know about its LLM."""
+
+    kind: str
+    model: nn.Module
+    processor: Optional[Any]
+    decoder_layers: nn.ModuleList
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    attention_bias: bool
+    image_token_id: int
+    num_image_tokens: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.decoder_layers[layer].self_attn
+
+    def fingerprint(self) -> str:
+        return fingerprint_module(self.model)
+
+    def __call__(self, **inputs: Any) -> Any:
+        """The base's own forward; returns the Hugging Face output (``.logits``)."""
+        return self.model(**inputs)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def tiny_llava_config(cfg: TinyLlavaConfig):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        num_channels=3,
+        hidden_size=cfg.vision_hidden_size,
+        intermediate_size=cfg.vision_hidden_size * 2,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        projection_dim=cfg.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    # The last id is the <image> placeholder; the processor expands it to one token per patch.
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=cfg.vocab_size - 1,
+        image_seq_length=cfg.num_image_tokens,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+
+
+def _llava_layers(model: nn.Module) -> nn.ModuleList:
+    # transformers >= 4.52 nests the LLM under model.model.language_model; older under language_model.model.
+    for path in ("model.language_model.layers", "language_model.model.layers"):
+        module: Any = model
+        try:
+            for part in path.split("."):
+                module = getattr(module, part)
+            return module
+        except AttributeError:
+            continue
+    raise SafeError(f"cannot find the LLM decoder layers of {type(model).__name__}")
+
+
+def _blip2_layers(model: nn.Module) -> nn.ModuleList:
+    language_model = model.language_model
+    inner = getattr(language_model, "model", language_model)
+    decoder = getattr(inner, "decoder", inner)
+    if not hasattr(decoder, "layers"):
+        raise SafeError(
+            f"BLIP-2 language model {type(language_model).__name__} has no decoder layers SAFE knows; "
+            "OPT-based BLIP-2 checkpoints are supported"
+        )
+    return decoder.layers
+
+
+def _wrap(kind: str, model: nn.Module, processor: Optional[Any]) -> BaseVLModel:
+    config = model.config
+    text = config.text_config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    if kind == "hf-blip2":
+        layers = _blip2_layers(model)
+        num_image_tokens = config.num_query_tokens
+        image_token_id = getattr(config, "image_token_index", None)
+        if image_token_id is None:
+            image_token_id = getattr(config, "image_token_id", None)
+        kv_heads, bias = heads, True  # OPT: full multi-head attention with biases
+    else:
+        layers = _llava_layers(model)
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        full = config.vision_feature_select_strategy == "full"
+        num_image_tokens = patches + (1 if full else 0)
+        image_token_id = config.image_token_id if hasattr(config, "image_token_id") else config.image_token_index
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        bias = bool(getattr(text, "attention_bias", False))
+    return BaseVLModel(
+        kind=kind,
+        model=freeze(model),
+        processor=processor,
+        decoder_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        attention_bias=bias,
+        image_token_id=image_token_id,
+        num_image_tokens=num_image_tokens,
+    )
+
+
+def _load_processor(name_or_path: str, revision: Optional[str]) -> Optional[Any]:
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError, TypeError, KeyError):
+        # A checkpoint saved without its processor still serves callers that pass token ids.
+        return None
+
+
+def load_base(cfg: BaseModelConfig, device: str | torch.device = "cpu") -> BaseVLModel:
+    """Load and freeze the base named by the profile's ``base`` section."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.kind == "tiny-llava":
+        from transformers import LlavaForConditionalGeneration
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = LlavaForConditionalGeneration(tiny_llava_config(cfg.tiny))
+        return _wrap("tiny-llava", model.to(device=device, dtype=dtype), None)
+
+    from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+
+    model_class = LlavaForConditionalGeneration if cfg.kind == "hf-llava" else Blip2ForConditionalGeneration
+    name = cfg.name_or_path or ""
+    local = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) and not local.is_dir():
+        raise SafeError(f"base.name_or_path: local model directory not found: {name}")
+    try:
+        model = model_class.from_pretrained(str(local) if local.is_dir() else name, revision=cfg.revision, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise SafeError(f"base.name_or_path: cannot load {cfg.kind} model from {name!r}: {exc}") from exc
+    base = _wrap(cfg.kind, model.to(device), _load_processor(name, cfg.revision))
+    return base

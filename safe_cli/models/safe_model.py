@@ -1,0 +1,150 @@
+"""SAFEModel: the frozen base, plus audio tokens fused into chosen LLM layers per example.
+
+Each example carries a token budget k (a LongTensor of shape (B,)). Rows with k = 0 are never
+touched: the audio encoder does not see them, and the fusion hooks *select* the rows with
+k > 0, fuse those, and copy them back (``index_copy``). A budget-0 row therefore goes through
+exactly the arithmetic of the base's own forward on the same batch, so its logits are equal
+bit for bit, even when other rows of the batch use audio. Multiplying by a zero gate would not
+give that guarantee (NaN * 0 is NaN; kernels may pick other paths), selecting rows does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .audio_encoders import AudioEncoder, Waveform
+from .base import BaseVLModel
+from .fusion_adapter import FusionAdapter
+from .projectors import AudioProjector
+
+
+class SAFEModel(nn.Module):
+    def __init__(
+        self,
+        base: BaseVLModel,
+        projector: AudioProjector,
+        fusion: FusionAdapter,
+        audio_encoder: Optional[AudioEncoder] = None,
+    ):
+        super().__init__()
+        outside = [layer for layer in fusion.layers if not 0 <= layer < base.num_layers]
+        if outside:
+            raise ValueError(f"fusion layers {outside} outside the base LLM's {base.num_layers} layers")
+        self.base = base
+        self.base_model = base.model  # registered so .to() moves it; frozen by load_base
+        self.audio_encoder = audio_encoder
+        self.projector = projector
+        self.fusion = fusion
+
+    # ------------------------------------------------------------------ parameters
+
+    def train(self, mode: bool = True) -> "SAFEModel":
+        super().train(mode)
+        self.base_model.eval()  # frozen parts never leave eval mode (dropout would change them)
+        if self.audio_encoder is not None:
+            self.audio_encoder.eval()
+        return self
+
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                yield name, param
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: projector and fusion parameters that require grad."""
+        return {name: param.detach().clone() for name, param in self.trainable_named_parameters()}
+
+    def base_fingerprint(self) -> str:
+        return self.base.fingerprint()
+
+    # ------------------------------------------------------------------ audio
+
+    def encode_audio(self, waves: Sequence[Waveform]) -> torch.Tensor:
+        if self.audio_encoder is None:
+            raise ValueError("this SAFEModel has no audio encoder; pass audio_features instead of audio")
+        with torch.no_grad():
+            return self.audio_encoder(waves)
+
+    def audio_tokens(
+        self,
+        budgets: torch.Tensor,
+        audio: Optional[Sequence[Waveform]] = None,
+        audio_features: Optional[torch.Tensor] = None,
+        frame_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (n, k_max, H) and their validity mask (n, k_max) for rows with budgets > 0."""
+        if audio_features is None:
+            if audio is None:
+                raise ValueError("rows with a token budget > 0 need audio or audio_features")
+            audio_features = self.encode_audio(audio)
+        k_max = int(budgets.max())
+        tokens = self.projector(audio_features, k_max, frame_mask)
+        mask = torch.arange(k_max, device=budgets.device)[None, :] < budgets[:, None]
+        return tokens, mask.to(tokens.device)
+
+    # ------------------------------------------------------------------ forward
+
+    @contextlib.contextmanager
+    def _fusion_hooks(self, rows: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
+        handles = []
+        for layer in self.fusion.layers:
+            block = self.fusion.block(layer)
+
+            def hook(module, args, output, block=block):
+                hidden = output[0] if isinstance(output, tuple) else output
+                selected = hidden.index_select(0, rows)
+                fused = block(selected.to(tokens.dtype), tokens, mask).to(hidden.dtype)
+                merged = hidden.index_copy(0, rows, fused)
+                return (merged,) + tuple(output[1:]) if isinstance(output, tuple) else merged
+
+            handles.append(self.base.decoder_layers[layer].register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_budget: Optional[torch.Tensor] = None,
+        audio: Optional[Sequence[Waveform]] = None,
+        audio_features: Optional[torch.Tensor] = None,
+        audio_frame_mask: Optional[torch.Tensor] = None,
+        **base_inputs: Any,
+    ) -> Any:
+        """Run the base with audio fused into rows whose budget is > 0.
+
+        Args:
+            input_ids, attention_mask, pixel_values, ...: the base model's own inputs.
+            token_budget: (B,) LongTensor; 0 = the base's own computation for that row.
+            audio: per-row waveforms at the encoder's sample rate (entries of budget-0 rows are
+                ignored and may be None), or
+            audio_features: precomputed encoder features (B, T, D) aligned with the batch.
+
+        Returns the base's Hugging Face output; ``.logits`` is (B, L, vocab).
+        """
+        batch = input_ids.shape[0]
+        if token_budget is None:
+            token_budget = torch.zeros(batch, dtype=torch.long)
+        token_budget = torch.as_tensor(token_budget, dtype=torch.long).to(input_ids.device)
+        if token_budget.shape != (batch,):
+            raise ValueError(f"token_budget must have shape ({batch},), got {tuple(token_budget.shape)}")
+        if int(token_budget.min()) < 0 or int(token_budget.max()) > self.projector.num_audio_tokens:
+            raise ValueError(f"token budgets must be in 0..{self.projector.num_audio_tokens}")
+
+        rows = torch.nonzero(token_budget > 0).flatten()
+        if rows.numel() == 0:
+            return self.base(input_ids=input_ids, **base_inputs)  # no encoder, no hooks: the base itself
+
+        row_list = rows.tolist()
+        row_audio = None if audio is None else [audio[i] for i in row_list]
+        row_features = None if audio_features is None else audio_features[rows.to(audio_features.device)]
+        row_frames = None if audio_frame_mask is None else audio_frame_mask[rows.to(audio_frame_mask.device)]
+        tokens, mask = self.audio_tokens(token_budget[rows], row_audio, row_features, row_frames)
+        with self._fusion_hooks(rows, tokens, mask):
+            return self.base(input_ids=input_ids, **base_inputs)

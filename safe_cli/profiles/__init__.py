@@ -1,0 +1,1 @@
+"""Built-in profiles (YAML), found by name anywhere below this folder."""

@@ -1,0 +1,1 @@
+"""Budget policy (Stage B) and its distillation (Stage C)."""
