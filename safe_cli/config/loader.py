@@ -161,10 +161,13 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def _pydantic_issues(source: str, error: ValidationError) -> list[Issue]:
+def _pydantic_issues(source: str, error: ValidationError, overridden: Iterable[str] = ()) -> list[Issue]:
     issues = []
+    overridden = list(overridden)
     for err in error.errors():
         loc = _loc(err["loc"])
+        # Blame --set, not the file, for a value the user gave on the command line.
+        from_set = any(loc == key or loc.startswith(key + ".") for key in overridden)
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = "unknown key"
@@ -172,7 +175,7 @@ def _pydantic_issues(source: str, error: ValidationError) -> list[Issue]:
             message = "required key is missing"
         elif "input" in err and not isinstance(err["input"], (dict, list)):
             message = f"{message} (got {err['input']!r})"
-        issues.append(Issue(source, loc, message))
+        issues.append(Issue(f"--set (over {source})" if from_set else source, loc, message))
     return issues
 
 
@@ -273,6 +276,7 @@ def semantic_issues(profile: Profile, source: str) -> list[Issue]:
 
 def load_profile(name_or_path: str = "demo", overrides: Iterable[str] = ()) -> Profile:
     """Find, merge, override, validate and check a profile; raises ProfileError with every issue."""
+    overrides = list(overrides)
     path = find_profile(name_or_path)
     source = str(path)
     raw = _load_raw(path)
@@ -284,7 +288,8 @@ def load_profile(name_or_path: str = "demo", overrides: Iterable[str] = ()) -> P
     try:
         profile = Profile.model_validate(raw)
     except ValidationError as exc:
-        raise ProfileError(_pydantic_issues(source, exc)) from None
+        overridden = [item.partition("=")[0].strip() for item in overrides]
+        raise ProfileError(_pydantic_issues(source, exc, overridden)) from None
     issues = semantic_issues(profile, source)
     if issues:
         raise ProfileError(issues)
