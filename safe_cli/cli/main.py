@@ -6,12 +6,13 @@ import typer
 
 from .. import __version__
 from .common import State
+from .check import check
 from .validate import validate
 
 app = typer.Typer(
     name="safe",
     help="SAFE: add audio understanding to a frozen vision-language model without regressing it.\n\n"
-    "Example: safe validate demo",
+    "Examples:\n\n    safe validate demo\n\n    safe check --profile demo",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -34,6 +35,7 @@ def root(
 
 
 app.command("validate")(validate)
+app.command("check")(check)
 
 
 def main() -> None:

@@ -1,0 +1,193 @@
+"""The SAFE model's promises, table-driven over every base kind.
+
+Adapters are given non-zero gates and LoRA weights (perturb_adapters) so that rows with audio
+really change: a bypass that leaked would make these tests fail.
+"""
+
+import pytest
+import torch
+
+from safe_cli.config import load_profile
+from safe_cli.models import AudioProjector, CrossAttentionBlock, build_safe_model, fingerprint_module
+from safe_cli.models.bypass import perturb_adapters
+from safe_cli.models.probe import probe_audio, probe_batch
+from safe_cli.rl.policy import AudioPolicyNetwork
+
+BASE_KINDS = ["tiny-llava", "hf-llava", "hf-blip2"]
+MIXED_BUDGETS = [0, 4, 0, 12, 8, 0]
+
+
+def profile_for(kind, checkpoints, *extra):
+    overrides = list(extra)
+    if kind != "tiny-llava":
+        overrides += [f"base.kind={kind}", f"base.name_or_path={checkpoints[kind]}"]
+    return load_profile("demo", overrides)
+
+
+@pytest.fixture(params=BASE_KINDS)
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def perturbed_model(kind, tiny_checkpoints):
+    model = build_safe_model(profile_for(kind, tiny_checkpoints))
+    perturb_adapters(model)
+    return model
+
+
+def mixed_batch(model, budgets, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = probe_batch(model.base, len(budgets), 8, generator)
+    audio = probe_audio(model.audio_encoder.sample_rate, len(budgets), generator=generator)
+    return inputs, audio, torch.tensor(budgets)
+
+
+@torch.no_grad()
+def test_budget_zero_rows_equal_base_bit_for_bit(perturbed_model):
+    inputs, audio, budget = mixed_batch(perturbed_model, MIXED_BUDGETS)
+    reference = perturbed_model.base(**inputs).logits
+    fused = perturbed_model(token_budget=budget, audio=audio, **inputs).logits
+    for row, k in enumerate(MIXED_BUDGETS):
+        if k == 0:
+            assert torch.equal(fused[row], reference[row]), f"budget-0 row {row} differs from the base"
+        else:
+            assert not torch.allclose(fused[row], reference[row], atol=1e-4), f"audio row {row} equals the base"
+
+
+@torch.no_grad()
+def test_all_zero_budgets_skip_encoder_and_adapters(perturbed_model, monkeypatch):
+    inputs, audio, _ = mixed_batch(perturbed_model, [0, 0, 0])
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the audio encoder ran for a budget-0 batch")
+
+    monkeypatch.setattr(perturbed_model.audio_encoder, "forward", must_not_run)
+    reference = perturbed_model.base(**inputs).logits
+    fused = perturbed_model(token_budget=torch.zeros(3, dtype=torch.long), audio=audio, **inputs).logits
+    assert torch.equal(fused, reference)
+
+
+@torch.no_grad()
+def test_row_result_does_not_depend_on_other_rows_budgets(perturbed_model):
+    """A k=4 row padded to the batch's k_max=12 attends to its own 4 tokens only."""
+    inputs, audio, budget = mixed_batch(perturbed_model, MIXED_BUDGETS)
+    together = perturbed_model(token_budget=budget, audio=audio, **inputs).logits
+    alone_inputs = {key: value[1:2] for key, value in inputs.items()}
+    alone = perturbed_model(token_budget=torch.tensor([4]), audio=[audio[1]], **alone_inputs).logits
+    torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_changes_only_projector_and_fusion(perturbed_model):
+    model = perturbed_model
+    base_before = {name: t.detach().clone() for name, t in model.base_model.state_dict(keep_vars=True).items()}
+    base_before.update({f"buffer:{n}": b.clone() for n, b in model.base_model.named_buffers()})
+    encoder_before = {n: t.detach().clone() for n, t in model.audio_encoder.state_dict().items()}
+    trainable_before = {n: p.detach().clone() for n, p in model.trainable_named_parameters()}
+    fingerprint_before = model.base_fingerprint()
+
+    model.train()
+    inputs, audio, budget = mixed_batch(model, MIXED_BUDGETS)
+    logits = model(token_budget=budget, audio=audio, **inputs).logits
+    targets = inputs["input_ids"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    optimizer = torch.optim.AdamW([p for _, p in model.trainable_named_parameters()], lr=1e-2)
+    loss.backward()
+    optimizer.step()
+
+    assert model.base_model.training is False and model.audio_encoder.training is False
+    assert not any(p.requires_grad for p in model.base_model.parameters())
+    after = dict(model.base_model.state_dict(keep_vars=True))
+    after.update({f"buffer:{n}": b for n, b in model.base_model.named_buffers()})
+    for name, tensor in base_before.items():
+        assert torch.equal(after[name].detach(), tensor), f"base tensor {name} changed"
+    for name, tensor in model.audio_encoder.state_dict().items():
+        assert torch.equal(tensor, encoder_before[name]), f"encoder tensor {name} changed"
+    assert model.base_fingerprint() == fingerprint_before
+
+    changed = {n for n, p in model.trainable_named_parameters() if not torch.equal(p.detach(), trainable_before[n])}
+    assert any(n.startswith("projector.") for n in changed)
+    assert any(n.startswith("fusion.") and "lora_" in n for n in changed)
+    assert any(n.endswith(".gate") for n in changed)
+    assert all(n.startswith(("projector.", "fusion.")) for n in trainable_before)
+
+
+def test_fingerprint_detects_a_one_ulp_change_and_survives_reload(tiny_checkpoints):
+    profile = profile_for("hf-llava", tiny_checkpoints)
+    first = build_safe_model(profile)
+    again = build_safe_model(profile)
+    assert first.base_fingerprint() == again.base_fingerprint()
+    with torch.no_grad():
+        weight = again.base_model.lm_head.weight
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(float("inf")))
+    assert first.base_fingerprint() != again.base_fingerprint()
+
+
+def test_fusion_starts_from_the_base_layers_own_attention(kind, tiny_checkpoints):
+    model = build_safe_model(profile_for(kind, tiny_checkpoints))
+    for layer in model.fusion.layers:
+        block, attention = model.fusion.block(layer), model.base.attention(layer)
+        out_name = "o_proj" if hasattr(attention, "o_proj") else "out_proj"
+        for mine, theirs in [("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("o_proj", out_name)]:
+            adapted = getattr(block, mine)
+            assert torch.equal(adapted.base_layer.weight, getattr(attention, theirs).weight.float())
+            assert not adapted.base_layer.weight.requires_grad
+            assert adapted.lora_A["default"].weight.requires_grad
+        assert block.gate.requires_grad and float(block.gate.detach()) == 0.0
+
+
+def test_untrained_model_equals_base_on_every_row(kind, tiny_checkpoints):
+    """Zero-initialised gates: before training, even rows with audio give the base's logits."""
+    model = build_safe_model(profile_for(kind, tiny_checkpoints))
+    inputs, audio, budget = mixed_batch(model, MIXED_BUDGETS)
+    with torch.no_grad():
+        assert torch.equal(model(token_budget=budget, audio=audio, **inputs).logits, model.base(**inputs).logits)
+
+
+def test_fresh_cross_attention_block_returns_its_input_exactly():
+    block = CrossAttentionBlock(hidden_size=96, num_attention_heads=4)
+    states, tokens = torch.randn(3, 7, 96), torch.randn(3, 5, 96)
+    assert torch.equal(block(states, tokens), states)
+    with torch.no_grad():
+        block.gate.fill_(0.3)
+    assert not torch.allclose(block(states, tokens), states)
+
+
+def test_projector_tokens_are_nested():
+    projector = AudioProjector(audio_embed_dim=40, llm_hidden_size=32, num_audio_tokens=12)
+    frames = torch.randn(2, 50, 40)
+    full = projector(frames)
+    assert full.shape == (2, 12, 32)
+    for k in (1, 4, 8):
+        torch.testing.assert_close(projector(frames, k), full[:, :k], atol=1e-6, rtol=1e-6)
+    assert projector(torch.randn(2, 40), 8).shape == (2, 8, 32)
+    with pytest.raises(ValueError, match="num_tokens"):
+        projector(frames, 13)
+
+
+def test_policy_log_probs_are_right_for_every_action_including_skip():
+    policy = AudioPolicyNetwork(state_feature_dim=6, token_budgets=[0, 4, 8, 12])
+    states = torch.randn(5, 6)
+    actions = torch.tensor([0, 1, 2, 3, 0])
+    out = policy.get_actions(states, actions=actions)
+    expected = torch.log_softmax(policy(states)[0], -1).gather(1, actions[:, None]).squeeze(1)
+    torch.testing.assert_close(out.log_probs, expected)
+    assert out.budgets.tolist() == [0, 4, 8, 12, 0]
+    sampled = policy.get_actions(states)
+    assert set(sampled.budgets.tolist()) <= {0, 4, 8, 12}
+    with pytest.raises(ValueError):
+        AudioPolicyNetwork(6, [4, 8])
+
+
+def test_budget_outside_projector_range_is_refused(tiny_checkpoints):
+    model = build_safe_model(profile_for("tiny-llava", tiny_checkpoints))
+    inputs, audio, _ = mixed_batch(model, [0, 4])
+    with pytest.raises(ValueError, match="token budgets"):
+        model(token_budget=torch.tensor([0, 13]), audio=audio, **inputs)
+
+
+def test_fingerprint_covers_buffers():
+    module = torch.nn.BatchNorm1d(4)
+    before = fingerprint_module(module)
+    module.running_mean += 1
+    assert fingerprint_module(module) != before
