@@ -361,6 +361,24 @@ def test_all_semantic_problems_are_reported_together(tmp_path):
         assert key in keys, f"{key} not reported; got {keys}"
 
 
+def test_fusion_layers_must_fit_the_tiny_model_depth():
+    assert load_profile("demo", ["fusion.layers=[0,3]"]).fusion.layers == [0, 3]  # the 4-layer demo's last
+    with pytest.raises(ProfileError) as info:
+        load_profile("demo", ["fusion.layers=[3,4]"])
+    assert issue_keys(info.value) == ["fusion.layers"]
+    assert "[4]" in info.value.issues[0].message
+    # The depth follows base.tiny.num_layers.
+    assert load_profile("demo", ["fusion.layers=[3,4]", "base.tiny.num_layers=5"]).fusion.layers == [3, 4]
+
+
+def test_budget_equal_to_num_tokens_is_fine():
+    profile = load_profile("demo", ["policy.token_budgets=[0,6]", "projector.num_tokens=6"])
+    assert profile.policy.token_budgets == [0, 6]
+    with pytest.raises(ProfileError) as info:
+        load_profile("demo", ["policy.token_budgets=[0,7]", "projector.num_tokens=6"])
+    assert issue_keys(info.value) == ["policy.token_budgets"]
+
+
 # --------------------------------------------------------------------------- dump_profile
 
 

@@ -68,7 +68,9 @@ def find_profile(name_or_path: str) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProfileError([Issue(str(path), "", f"not UTF-8 text (byte {exc.start})")]) from None
     except OSError as exc:
         raise ProfileError([Issue(str(path), "", f"cannot read: {exc.strerror or exc}")]) from None
     try:
@@ -317,7 +319,7 @@ def dump_profile(profile: Profile, comments: bool = True) -> str:
             elif isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
                 lines.append(f"{pad}{name}:")
                 for key, item in value.items():
-                    lines.append(f"{pad}  {key}:")
+                    lines.append(f"{pad}  {scalar(key)}:")
                     emit(item, indent + 2)
             else:
                 dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value

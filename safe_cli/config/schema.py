@@ -131,6 +131,9 @@ class ProjectorConfig(Section):
     mlp_ratio: float = Field(2.0, gt=0, description="Width of the projector's MLP relative to the LLM hidden size.")
     num_heads: int = Field(4, ge=1, description="Heads of the projector's pooling attention.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the projector during training.")
+    frame_pool: int = Field(
+        5, ge=1, description="Average this many encoder frames before pooling (whisper: 5 frames = 100 ms)."
+    )
 
 
 class FusionConfig(Section):

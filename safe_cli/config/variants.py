@@ -65,7 +65,7 @@ def resolve_variants(custom: dict[str, RetentionVariant]) -> dict[str, Retention
         parent_name = spec.extends or (name if name in BUILTIN_VARIANTS else None)
         if parent_name is None:
             parent = RetentionVariant()
-        elif parent_name == name:
+        elif parent_name == name and name in BUILTIN_VARIANTS:
             parent = BUILTIN_VARIANTS[name]
         elif parent_name in custom or parent_name in BUILTIN_VARIANTS:
             parent = resolve(parent_name, chain + (name,))

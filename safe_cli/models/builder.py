@@ -34,6 +34,7 @@ def build_trainable(
             num_heads=profile.projector.num_heads,
             mlp_ratio=profile.projector.mlp_ratio,
             dropout=profile.projector.dropout,
+            frame_pool=profile.projector.frame_pool,
         )
         fusion = FusionAdapter(
             profile.fusion.layers,

@@ -66,11 +66,9 @@ class CrossAttentionBlock(nn.Module):
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, kv_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, kv_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.num_kv_heads != self.num_heads:
-            repeat = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         mask = None if audio_mask is None else audio_mask.bool()[:, None, None, :]
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        gqa = self.num_kv_heads != self.num_heads  # grouped-query: SDPA shares each k/v head
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         attended = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
         return llm_states + torch.tanh(self.gate) * attended
 

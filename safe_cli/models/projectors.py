@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -22,7 +23,8 @@ class AudioProjector(nn.Module):
         num_audio_tokens: K_max, the most tokens a caller may ask for.
 
     Input ``(B, D)`` (one pooled vector per clip) or ``(B, T, D)`` (frames), with an optional
-    ``(B, T)`` boolean mask of valid frames; output ``(B, k, H)``.
+    ``(B, T)`` boolean mask of valid frames; output ``(B, k, H)``. ``frame_pool`` > 1 averages
+    that many consecutive frames before the attention.
     """
 
     def __init__(
@@ -33,8 +35,10 @@ class AudioProjector(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 2.0,
         dropout: float = 0.0,
+        frame_pool: int = 1,
     ):
         super().__init__()
+        self.frame_pool = frame_pool
         if llm_hidden_size % num_heads:
             num_heads = 1  # pooling heads are an inner detail; never refuse a hidden size for them
         self.audio_embed_dim = audio_embed_dim
@@ -43,7 +47,8 @@ class AudioProjector(nn.Module):
         self.input_norm = nn.LayerNorm(audio_embed_dim)
         self.input_proj = nn.Linear(audio_embed_dim, llm_hidden_size)
         self.queries = nn.Parameter(torch.randn(num_audio_tokens, llm_hidden_size) * llm_hidden_size**-0.5)
-        self.pool = nn.MultiheadAttention(llm_hidden_size, num_heads, dropout=dropout, batch_first=True)
+        self.num_heads = num_heads
+        self.attention_dropout = dropout
         width = max(1, int(llm_hidden_size * mlp_ratio))
         self.mlp = nn.Sequential(
             nn.LayerNorm(llm_hidden_size),
@@ -69,9 +74,36 @@ class AudioProjector(nn.Module):
                 f"expected features (B, D) or (B, T, D) with D={self.audio_embed_dim}, "
                 f"got {tuple(audio_features.shape)}"
             )
-        frames = self.input_proj(self.input_norm(audio_features.to(self.input_proj.weight.dtype)))
-        queries = self.queries[:k].unsqueeze(0).expand(frames.shape[0], -1, -1)
-        padding = None if frame_mask is None else ~frame_mask.bool()
-        pooled, _ = self.pool(queries, frames, frames, key_padding_mask=padding, need_weights=False)
-        tokens = queries + pooled
+        features, frame_mask = self._pool_frames(audio_features.to(self.input_proj.weight.dtype), frame_mask)
+        frames = self.input_proj(self.input_norm(features))
+        batch, length, hidden = frames.shape
+        heads, head_dim = self.num_heads, hidden // self.num_heads
+        # The frames are already projected to H; the learned queries need no projection of
+        # their own, so attention here is one SDPA call (this runs for every audio row).
+        q = self.queries[:k].view(1, k, heads, head_dim).transpose(1, 2)
+        kv = frames.view(batch, length, heads, head_dim).transpose(1, 2)
+        mask = None if frame_mask is None else frame_mask[:, None, None, :]
+        dropout = self.attention_dropout if self.training else 0.0
+        pooled = F.scaled_dot_product_attention(q.expand(batch, -1, -1, -1), kv, kv, attn_mask=mask, dropout_p=dropout)
+        tokens = self.queries[:k] + pooled.transpose(1, 2).reshape(batch, k, hidden)
         return tokens + self.mlp(tokens)
+
+    def _pool_frames(
+        self, features: torch.Tensor, frame_mask: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Mean over windows of ``frame_pool`` frames (masked frames left out).
+
+        Whisper gives 50 frames a second; attending over all 1500 of them would cost more than
+        the fusion itself, and a spoken word spans many frames anyway.
+        """
+        batch, length, dim = features.shape
+        stride = min(self.frame_pool, length)
+        mask = torch.ones(batch, length, dtype=torch.bool, device=features.device) if frame_mask is None else frame_mask.bool()
+        if stride > 1:
+            pad = (-length) % stride
+            weights = F.pad(mask.to(features.dtype), (0, pad))
+            padded = F.pad(features, (0, 0, 0, pad)) * weights[..., None]
+            sums = padded.view(batch, -1, stride, dim).sum(2)
+            counts = weights.view(batch, -1, stride).sum(2)
+            features, mask = sums / counts.clamp(min=1)[..., None], counts > 0
+        return features, (None if frame_mask is None else mask)
