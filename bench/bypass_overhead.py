@@ -1,6 +1,6 @@
 """Forward-time overhead of SAFE over its frozen base, measured side by side in one process.
 
-    python bench/bypass_overhead.py [--profile demo] [--batch-size 8] [--repeats 200] [--out FILE]
+    python bench/bypass_overhead.py [--profile demo] [--batch-size 8] [--repeats 200] [--set K=V ...] [--out FILE]
 
 Three forwards on the same batch, interleaved in rotating order so drift and noise hit all
 three alike: the base's own forward, SAFE with every budget 0, and SAFE with every budget 8.
@@ -34,10 +34,12 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Profile override, e.g. --set base.tiny.hidden_size=512 for a larger model.")
     parser.add_argument("--out", type=Path, default=Path("bench/results/bypass_overhead.json"))
     args = parser.parse_args()
 
-    profile = load_profile(args.profile)
+    profile = load_profile(args.profile, args.overrides)
     model = build_safe_model(profile, "cpu")
     perturb_adapters(model)  # a real, non-identity adapter: the work budget 8 pays for is real
     generator = torch.Generator().manual_seed(0)
@@ -68,6 +70,8 @@ def main() -> None:
     result = {
         "benchmark": "bypass_overhead",
         "profile": profile.name,
+        "overrides": args.overrides,
+        "base_parameters": sum(p.numel() for p in model.base_model.parameters()),
         "batch_size": args.batch_size,
         "sequence_length": int(inputs["input_ids"].shape[1]),
         "repeats": args.repeats,

@@ -141,10 +141,16 @@ class SAFEModel(nn.Module):
         if rows.numel() == 0:
             return self.base(input_ids=input_ids, **base_inputs)  # no encoder, no hooks: the base itself
 
-        row_list = rows.tolist()
-        row_audio = None if audio is None else [audio[i] for i in row_list]
-        row_features = None if audio_features is None else audio_features[rows.to(audio_features.device)]
-        row_frames = None if audio_frame_mask is None else audio_frame_mask[rows.to(audio_frame_mask.device)]
-        tokens, mask = self.audio_tokens(token_budget[rows], row_audio, row_features, row_frames)
+        every_row = rows.numel() == batch  # common in training; skips copying (B, 1500, D) features
+
+        def select(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if tensor is None or every_row:
+                return tensor
+            return tensor.index_select(0, rows.to(tensor.device))
+
+        row_audio = None if audio is None else [audio[i] for i in rows.tolist()]
+        tokens, mask = self.audio_tokens(
+            select(token_budget), row_audio, select(audio_features), select(audio_frame_mask)
+        )
         with self._fusion_hooks(rows, tokens, mask):
             return self.base(input_ids=input_ids, **base_inputs)
