@@ -191,3 +191,14 @@ def test_fingerprint_covers_buffers():
     before = fingerprint_module(module)
     module.running_mean += 1
     assert fingerprint_module(module) != before
+
+
+def test_fusion_layers_beyond_depth_fail_at_load_when_validation_could_not_know(tiny_checkpoints):
+    """A hub id's depth is unknown offline at validation time; loading must still refuse it clearly."""
+    from safe_cli.config.schema import Profile
+    from safe_cli.errors import SafeError
+
+    raw = load_profile("demo").model_dump()
+    raw["fusion"]["layers"] = [1, 9]
+    with pytest.raises(SafeError, match=r"fusion\.layers: layers \[9\] are outside the base LLM's 4 decoder layers"):
+        build_safe_model(Profile.model_validate(raw))

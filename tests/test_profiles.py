@@ -447,3 +447,24 @@ def test_safe_data_root_env_wins_over_file(monkeypatch, tmp_path):
     assert load_profile(str(path)).data.root == "/from/file"
     monkeypatch.setenv("SAFE_DATA_ROOT", "/from/env")
     assert load_profile(str(path)).data.root == "/from/env"
+
+
+def test_custom_variant_extending_itself_is_a_cycle_not_a_crash():
+    with pytest.raises(VariantError) as caught:
+        resolve_variants({"mine": RetentionVariant(extends="mine")})
+    assert caught.value.key == "retention.variants.mine.extends"
+    assert "cycle" in str(caught.value)
+
+
+def test_non_utf8_profile_is_a_clear_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ProfileError) as caught:
+        load_profile(str(path))
+    assert "not UTF-8" in str(caught.value) and str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("variant_name", ["2024", "on", "null", "yes"])
+def test_dump_round_trips_variant_names_yaml_would_retype(tmp_path, variant_name):
+    profile = load_profile("demo", [f"retention.variants.{variant_name}.fisher_weight=0.3"])
+    assert Profile.model_validate(yaml.safe_load(dump_profile(profile))) == profile
