@@ -48,6 +48,8 @@ def check(
     result = check_bypass(model, budgets, seed=resolved.seed)
 
     table = Table(title=f"safe check: {resolved.name}", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # fingerprints are compared by eye: never cut them short
     table.add_row("base", f"{resolved.base.kind}: {model.base.num_layers} LLM layers, hidden {model.base.hidden_size}")
     table.add_row("base parameters (frozen)", f"{_count(model.base_model.parameters()):,}")
     encoder = model.audio_encoder
