@@ -191,5 +191,4 @@ def load_base(cfg: BaseModelConfig, device: str | torch.device = "cpu") -> BaseV
         model = model_class.from_pretrained(str(local) if local.is_dir() else name, revision=cfg.revision, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise SafeError(f"base.name_or_path: cannot load {cfg.kind} model from {name!r}: {exc}") from exc
-    base = _wrap(cfg.kind, model.to(device), _load_processor(name, cfg.revision))
-    return base
+    return _wrap(cfg.kind, model.to(device), _load_processor(str(local) if local.is_dir() else name, cfg.revision))
