@@ -20,6 +20,7 @@ from torch import nn
 from ..config.schema import AudioEncoderConfig
 from ..errors import SafeError
 from .fingerprint import fingerprint_module
+from .sources import pretrained_source
 
 Waveform = Union[np.ndarray, torch.Tensor]
 WHISPER_SAMPLE_RATE = 16_000
@@ -133,10 +134,7 @@ class ClapEncoder(AudioEncoder):
     def load(cls, name_or_path: str, device: Union[str, torch.device] = "cpu") -> "ClapEncoder":
         from transformers import AutoFeatureExtractor, ClapModel
 
-        local = Path(name_or_path).expanduser()
-        if name_or_path.startswith(("/", ".", "~")) and not local.is_dir():
-            raise SafeError(f"audio_encoder.clap.name_or_path: local model directory not found: {name_or_path}")
-        source = str(local) if local.is_dir() else name_or_path
+        source = pretrained_source(name_or_path, "audio_encoder.clap.name_or_path")
         try:
             model = ClapModel.from_pretrained(source)
             extractor = AutoFeatureExtractor.from_pretrained(source)

@@ -12,7 +12,6 @@ loaded; SAFE only reads its hidden states and adds to them through forward hooks
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from ..config.schema import BaseModelConfig, TinyLlavaConfig
 from ..errors import SafeError
 from .fingerprint import fingerprint_module
+from .sources import pretrained_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -184,11 +184,9 @@ def load_base(cfg: BaseModelConfig, device: str | torch.device = "cpu") -> BaseV
 
     model_class = LlavaForConditionalGeneration if cfg.kind == "hf-llava" else Blip2ForConditionalGeneration
     name = cfg.name_or_path or ""
-    local = Path(name).expanduser()
-    if name.startswith(("/", ".", "~")) and not local.is_dir():
-        raise SafeError(f"base.name_or_path: local model directory not found: {name}")
+    source = pretrained_source(name, "base.name_or_path")
     try:
-        model = model_class.from_pretrained(str(local) if local.is_dir() else name, revision=cfg.revision, dtype=dtype)
+        model = model_class.from_pretrained(source, revision=cfg.revision, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise SafeError(f"base.name_or_path: cannot load {cfg.kind} model from {name!r}: {exc}") from exc
-    return _wrap(cfg.kind, model.to(device), _load_processor(str(local) if local.is_dir() else name, cfg.revision))
+    return _wrap(cfg.kind, model.to(device), _load_processor(source, cfg.revision))
