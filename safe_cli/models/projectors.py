@@ -15,7 +15,7 @@ from torch import nn
 
 
 class AudioProjector(nn.Module):
-    """Learned-query attention pooling over encoder frames, then a per-token MLP.
+    """Learned-query attention pooling over encoder frames, then a per-token projection and MLP.
 
     Args:
         audio_embed_dim: width D of the encoder features.
@@ -25,6 +25,11 @@ class AudioProjector(nn.Module):
     Input ``(B, D)`` (one pooled vector per clip) or ``(B, T, D)`` (frames), with an optional
     ``(B, T)`` boolean mask of valid frames; output ``(B, k, H)``. ``frame_pool`` > 1 averages
     that many consecutive frames before the attention.
+
+    The queries attend in the encoder's width D and only the k pooled vectors are projected to
+    H. Projecting every frame first would cost T/k times more: for Whisper-small into
+    LLaVA-7B (T = 300 pooled frames, D = 768, H = 4096) that is 0.94 GFLOP per clip against
+    0.04 GFLOP for 12 tokens.
     """
 
     def __init__(
@@ -39,16 +44,16 @@ class AudioProjector(nn.Module):
     ):
         super().__init__()
         self.frame_pool = frame_pool
-        if llm_hidden_size % num_heads:
-            num_heads = 1  # pooling heads are an inner detail; never refuse a hidden size for them
+        if audio_embed_dim % num_heads:
+            num_heads = 1  # pooling heads are an inner detail; never refuse an encoder width for them
         self.audio_embed_dim = audio_embed_dim
         self.llm_hidden_size = llm_hidden_size
         self.num_audio_tokens = num_audio_tokens
         self.input_norm = nn.LayerNorm(audio_embed_dim)
-        self.input_proj = nn.Linear(audio_embed_dim, llm_hidden_size)
-        self.queries = nn.Parameter(torch.randn(num_audio_tokens, llm_hidden_size) * llm_hidden_size**-0.5)
+        self.queries = nn.Parameter(torch.randn(num_audio_tokens, audio_embed_dim) * audio_embed_dim**-0.5)
         self.num_heads = num_heads
         self.attention_dropout = dropout
+        self.output_proj = nn.Linear(audio_embed_dim, llm_hidden_size)
         width = max(1, int(llm_hidden_size * mlp_ratio))
         self.mlp = nn.Sequential(
             nn.LayerNorm(llm_hidden_size),
@@ -74,18 +79,18 @@ class AudioProjector(nn.Module):
                 f"expected features (B, D) or (B, T, D) with D={self.audio_embed_dim}, "
                 f"got {tuple(audio_features.shape)}"
             )
-        features, frame_mask = self._pool_frames(audio_features.to(self.input_proj.weight.dtype), frame_mask)
-        frames = self.input_proj(self.input_norm(features))
-        batch, length, hidden = frames.shape
-        heads, head_dim = self.num_heads, hidden // self.num_heads
-        # The frames are already projected to H; the learned queries need no projection of
-        # their own, so attention here is one SDPA call (this runs for every audio row).
+        features, frame_mask = self._pool_frames(audio_features.to(self.queries.dtype), frame_mask)
+        frames = self.input_norm(features)
+        batch, length, dim = frames.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        # Frames are keys and values as they are; the learned queries are the only projection,
+        # so the pooling is one SDPA call (this runs for every audio row).
         q = self.queries[:k].view(1, k, heads, head_dim).transpose(1, 2)
         kv = frames.view(batch, length, heads, head_dim).transpose(1, 2)
         mask = None if frame_mask is None else frame_mask[:, None, None, :]
         dropout = self.attention_dropout if self.training else 0.0
         pooled = F.scaled_dot_product_attention(q.expand(batch, -1, -1, -1), kv, kv, attn_mask=mask, dropout_p=dropout)
-        tokens = self.queries[:k] + pooled.transpose(1, 2).reshape(batch, k, hidden)
+        tokens = self.output_proj(self.queries[:k] + pooled.transpose(1, 2).reshape(batch, k, dim))
         return tokens + self.mlp(tokens)
 
     def _pool_frames(
@@ -98,6 +103,8 @@ class AudioProjector(nn.Module):
         """
         batch, length, dim = features.shape
         stride = min(self.frame_pool, length)
+        if stride > 1 and frame_mask is None and length % stride == 0:
+            return features.view(batch, length // stride, stride, dim).mean(2), None  # Whisper's 1500 frames
         mask = torch.ones(batch, length, dtype=torch.bool, device=features.device) if frame_mask is None else frame_mask.bool()
         if stride > 1:
             pad = (-length) % stride

@@ -89,16 +89,19 @@ class SAFEModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     @contextlib.contextmanager
-    def _fusion_hooks(self, rows: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
+    def _fusion_hooks(self, rows: Optional[torch.Tensor], tokens: torch.Tensor, mask: Optional[torch.Tensor]):
+        """Fuse audio into the output of each chosen decoder layer; ``rows`` None means every row."""
         handles = []
         for layer in self.fusion.layers:
             block = self.fusion.block(layer)
 
             def hook(module, args, output, block=block):
                 hidden = output[0] if isinstance(output, tuple) else output
-                selected = hidden.index_select(0, rows)
-                fused = block(selected.to(tokens.dtype), tokens, mask).to(hidden.dtype)
-                merged = hidden.index_copy(0, rows, fused)
+                if rows is None:
+                    merged = block(hidden.to(tokens.dtype), tokens, mask).to(hidden.dtype)
+                else:
+                    fused = block(hidden.index_select(0, rows).to(tokens.dtype), tokens, mask).to(hidden.dtype)
+                    merged = hidden.index_copy(0, rows, fused)
                 return (merged,) + tuple(output[1:]) if isinstance(output, tuple) else merged
 
             handles.append(self.base.decoder_layers[layer].register_forward_hook(hook))
@@ -152,5 +155,7 @@ class SAFEModel(nn.Module):
         tokens, mask = self.audio_tokens(
             select(token_budget), row_audio, select(audio_features), select(audio_frame_mask)
         )
-        with self._fusion_hooks(rows, tokens, mask):
+        if bool(mask.all()):
+            mask = None  # every row uses all k_max tokens: SDPA's unmasked kernel is faster
+        with self._fusion_hooks(None if every_row else rows, tokens, mask):
             return self.base(input_ids=input_ids, **base_inputs)
