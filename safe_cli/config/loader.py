@@ -265,6 +265,15 @@ def semantic_issues(profile: Profile, source: str) -> list[Issue]:
                 add(f"sweep.variants.{i}", f"unknown variant {name!r} (known: {known})")
 
     data = profile.data
+    if data.source == "fsdd-mnist" and data.root:
+        # A root that is given must be complete; one not given yet is asked for when data is read.
+        from ..data.avdigits import check_data_root
+        from ..errors import SafeError
+
+        try:
+            check_data_root(data.root)
+        except SafeError as exc:
+            add("data.root", str(exc).removeprefix("data.root: "))
     if data.source == "manifest":
         if not data.train_manifest and not data.eval_manifests:
             add("data.train_manifest", "source manifest needs train_manifest or eval_manifests")

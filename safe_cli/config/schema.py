@@ -55,6 +55,16 @@ class TinyLlavaConfig(Section):
         return (self.image_size // self.patch_size) ** 2
 
 
+class PretrainConfig(Section):
+    """How the framework pretrains one of its built-in tiny foundation models (cached by content hash)."""
+
+    steps: int = Field(1500, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Examples per step.")
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (linear warm-up, cosine decay).")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+
+
 BaseKind = Literal["tiny-llava", "hf-llava", "hf-blip2"]
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -80,6 +90,10 @@ class BaseModelConfig(Section):
     )
     tiny: TinyLlavaConfig = Field(default_factory=TinyLlavaConfig, description="Dimensions for tiny-llava.")
     seed: int = Field(0, description="Initialisation seed of the tiny-llava weights (before its pretraining).")
+    pretrain: PretrainConfig = Field(
+        default_factory=PretrainConfig,
+        description="tiny-llava: pretraining on the AV-digits VL and text questions (safe prepare).",
+    )
 
     @model_validator(mode="after")
     def _path_for_hf(self) -> "BaseModelConfig":
@@ -119,6 +133,14 @@ class AudioEncoderConfig(Section):
     tiny_state: int = Field(64, ge=8, description="tiny-whisper: encoder width.")
     tiny_layers: int = Field(2, ge=1, description="tiny-whisper: encoder layers.")
     tiny_heads: int = Field(2, ge=1, description="tiny-whisper: encoder attention heads.")
+    tiny_window_seconds: float = Field(
+        2.4, gt=0, le=30, description="tiny-whisper: the input window (whisper's own is 30 s); clips are "
+        "padded or cut to it. 2.4 s holds every FSDD recording."
+    )
+    tiny_pretrain: PretrainConfig = Field(
+        default_factory=lambda: PretrainConfig(steps=600, lr=2e-3),
+        description="tiny-whisper: pretraining on audio digit recognition, head discarded (safe prepare).",
+    )
 
 
 # --------------------------------------------------------------------------- trainable parts

@@ -3,7 +3,8 @@
 Every encoder takes a list of mono waveforms at its own ``sample_rate`` (1-D float arrays or
 tensors, any lengths) and returns features of shape (B, T, D):
 
-    whisper / tiny-whisper  (B, 1500, d_model)             whisper's 30 s window, 20 ms frames
+    whisper                 (B, 1500, d_model)             whisper's 30 s window, 20 ms frames
+    tiny-whisper            (B, 50 * window, d_model)      the same frames over a shorter window
     clap                    (B, 1, projection_dim)          the pooled, projected CLAP embedding
     both                    (B, 1500, d_model + proj_dim)   the CLAP embedding joined to every frame
 """
@@ -54,8 +55,10 @@ class AudioEncoder(nn.Module):
         return next(self.parameters()).device
 
 
-def whisper_log_mel(waves: Sequence[Waveform], n_mels: int, device: torch.device) -> torch.Tensor:
-    """Whisper's log-mel of each clip padded or cut to 30 s, as one batch (B, n_mels, 3000).
+def whisper_log_mel(
+    waves: Sequence[Waveform], n_mels: int, device: torch.device, n_samples: int = 480_000
+) -> torch.Tensor:
+    """Whisper's log-mel of each clip padded or cut to ``n_samples`` (30 s), as one batch (B, n_mels, frames).
 
     Equal to ``whisper.log_mel_spectrogram(whisper.pad_or_trim(clip))`` per clip; whisper's own
     function clamps against the maximum of the whole batch, so batching it directly would make
@@ -63,13 +66,18 @@ def whisper_log_mel(waves: Sequence[Waveform], n_mels: int, device: torch.device
     """
     import whisper
 
-    audio = torch.stack([whisper.pad_or_trim(_as_tensor(w)) for w in waves]).to(device)
+    audio = torch.stack([whisper.pad_or_trim(_as_tensor(w), n_samples) for w in waves]).to(device)
     window = torch.hann_window(whisper.audio.N_FFT, device=device)
     stft = torch.stft(audio, whisper.audio.N_FFT, whisper.audio.HOP_LENGTH, window=window, return_complex=True)
     mel = whisper.audio.mel_filters(device, n_mels) @ (stft[..., :-1].abs() ** 2)
     log_spec = torch.clamp(mel, min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+def whisper_positions(window_seconds: float) -> int:
+    """Encoder positions for a window: 100 mel frames a second, halved by the second conv."""
+    return max(1, round(window_seconds * 50))
 
 
 class WhisperEncoder(AudioEncoder):
@@ -82,6 +90,10 @@ class WhisperEncoder(AudioEncoder):
         self.encoder = encoder
         self.n_mels = n_mels
         self.feature_dim = encoder.ln_post.normalized_shape[0]
+        # The window follows the model: 1500 positions = whisper's 30 s; a built-in tiny encoder
+        # may have a shorter one. Two mel frames (hop 160) per position.
+        self.num_frames = encoder.positional_embedding.shape[0]
+        self.window_samples = self.num_frames * 2 * 160
         self.freeze()
 
     @classmethod
@@ -101,18 +113,28 @@ class WhisperEncoder(AudioEncoder):
         return cls(model.encoder, model.dims.n_mels)
 
     @classmethod
-    def tiny(cls, state: int, layers: int, heads: int, seed: int = 0) -> "WhisperEncoder":
-        """A whisper-architecture encoder of the given size (random init; pretrained by the benchmark)."""
+    def tiny(cls, state: int, layers: int, heads: int, seed: int = 0, window_seconds: float = 30.0) -> "WhisperEncoder":
+        """A whisper-architecture encoder of the given size (random init; ``safe prepare`` pretrains one)."""
         from whisper.model import AudioEncoder as WhisperAudioEncoder
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            encoder = WhisperAudioEncoder(n_mels=80, n_ctx=1500, n_state=state, n_head=heads, n_layer=layers)
+            encoder = WhisperAudioEncoder(
+                n_mels=80, n_ctx=whisper_positions(window_seconds), n_state=state, n_head=heads, n_layer=layers
+            )
         return cls(encoder, 80)
 
+    def log_mel(self, waves: Sequence[Waveform]) -> torch.Tensor:
+        return whisper_log_mel(waves, self.n_mels, self.device, self.window_samples)
+
+    def frame_mask(self, waves: Sequence[Waveform]) -> torch.Tensor:
+        """(B, num_frames) bool, True on the frames that cover the clip rather than padding."""
+        lengths = torch.tensor([min(len(w), self.window_samples) for w in waves])
+        valid = torch.clamp(torch.div(lengths + 319, 320, rounding_mode="floor"), min=1)
+        return torch.arange(self.num_frames)[None, :] < valid[:, None]
+
     def forward(self, waves: Sequence[Waveform]) -> torch.Tensor:
-        mel = whisper_log_mel(waves, self.n_mels, self.device)
-        return self.encoder(mel.to(next(self.encoder.parameters()).dtype))
+        return self.encoder(self.log_mel(waves).to(next(self.encoder.parameters()).dtype))
 
 
 class ClapEncoder(AudioEncoder):
@@ -182,7 +204,9 @@ def load_audio_encoder(
 ) -> AudioEncoder:
     """Build the profile's audio encoder, frozen."""
     if cfg.kind == "tiny-whisper":
-        return WhisperEncoder.tiny(cfg.tiny_state, cfg.tiny_layers, cfg.tiny_heads, seed or 0).to(device)
+        return WhisperEncoder.tiny(
+            cfg.tiny_state, cfg.tiny_layers, cfg.tiny_heads, seed or 0, cfg.tiny_window_seconds
+        ).to(device)
     if cfg.kind == "whisper":
         return WhisperEncoder.load(cfg.whisper.name_or_path, device)
     if cfg.kind == "clap":

@@ -180,13 +180,24 @@ def load_base(cfg: BaseModelConfig, device: str | torch.device = "cpu") -> BaseV
             model = LlavaForConditionalGeneration(tiny_llava_config(cfg.tiny))
         return _wrap("tiny-llava", model.to(device=device, dtype=dtype), None)
 
+    source = pretrained_source(cfg.name_or_path or "", "base.name_or_path")
+    return load_base_from_directory(cfg.kind, source, cfg.dtype, device, cfg.revision, cfg.name_or_path)
+
+
+def load_base_from_directory(
+    kind: str,
+    source: Any,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    revision: Optional[str] = None,
+    name: Optional[str] = None,
+) -> BaseVLModel:
+    """``from_pretrained`` of a LLaVA (also the built-in tiny one, once pretrained) or BLIP-2, frozen."""
     from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
-    model_class = LlavaForConditionalGeneration if cfg.kind == "hf-llava" else Blip2ForConditionalGeneration
-    name = cfg.name_or_path or ""
-    source = pretrained_source(name, "base.name_or_path")
+    model_class = Blip2ForConditionalGeneration if kind == "hf-blip2" else LlavaForConditionalGeneration
     try:
-        model = model_class.from_pretrained(source, revision=cfg.revision, dtype=dtype)
+        model = model_class.from_pretrained(source, revision=revision, dtype=DTYPES[dtype])
     except (OSError, ValueError) as exc:
-        raise SafeError(f"base.name_or_path: cannot load {cfg.kind} model from {name!r}: {exc}") from exc
-    return _wrap(cfg.kind, model.to(device), _load_processor(source, cfg.revision))
+        raise SafeError(f"base.name_or_path: cannot load {kind} model from {name or source!r}: {exc}") from exc
+    return _wrap(kind, model.to(device), _load_processor(source, revision))

@@ -1,0 +1,66 @@
+"""A content-addressed cache for things the framework builds once (pretrained foundation models).
+
+An entry's key is the SHA-256 of everything that decides its content (a JSON spec: config,
+data fingerprint, recipe version), so a change to any of them builds a new entry and an
+unchanged spec is found again. Entries are built in a temporary folder and renamed into place,
+under a file lock: a crash leaves no half-built entry, and two processes asking for the same
+entry build it once.
+
+Root: ``$SAFE_CACHE_DIR``, else ``~/.cache/safe``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SAFE_CACHE_DIR") or Path.home() / ".cache" / "safe").expanduser()
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_directory(kind: str, spec: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, bool]:
+    """The entry for ``spec`` under ``kind/``; ``build(tmp_dir)`` fills it when it is missing.
+
+    Returns (path, built_now).
+    """
+    final = cache_root() / kind / spec_key(spec)
+    if (final / "spec.json").is_file():
+        return final, False
+    with _locked(final.with_suffix(".lock")):
+        if (final / "spec.json").is_file():  # another process built it while we waited
+            return final, False
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            build(tmp)
+            # spec.json is written last: its presence is what marks an entry complete.
+            (tmp / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True, default=str) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final, True

@@ -1,0 +1,245 @@
+"""``safe prepare``: build (or find in the cache) the built-in foundation models and measure them.
+
+For a profile whose base is ``tiny-llava`` and/or whose encoder is ``tiny-whisper``, the model is
+pretrained on the profile's AV-digits source and cached under a key made of everything that
+decides its weights (dimensions, pretraining settings, data source and a content hash of the
+raw data, seed, recipe version). The cached model is a normal checkpoint: the base a
+``save_pretrained`` directory (model + processor + tokenizer) loaded with ``from_pretrained``,
+the encoder a whisper ``.pt`` loaded with ``whisper.load_model``: the code paths a GPU user
+runs with LLaVA-1.5 and Whisper-small.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from ..config.schema import Profile
+from ..data import avdigits
+from ..data.avdigits import DigitClips, DigitImages
+from ..data.batches import PromptBatcher, generate_answers
+from ..data.scoring import is_correct
+from ..errors import SafeError
+from ..models.audio_encoders import AudioEncoder, WhisperEncoder, load_audio_encoder
+from ..models.base import BaseVLModel, load_base, load_base_from_directory
+from . import pretrain
+from .cache import cached_directory
+
+SYNTHETIC_SIZES = {"train": (4000, 2000), "test": (1000, 500)}  # (images, clips) per split
+BASE_EVAL_TASKS = avdigits.TASKS
+
+
+@dataclass
+class Sources:
+    images: DigitImages
+    clips: DigitClips
+
+
+@lru_cache(maxsize=8)
+def _sources(source: str, root: Optional[str], split: str, rule: str, held_out: tuple[str, ...], seed: int) -> Sources:
+    if source == "synthetic":
+        n_images, n_clips = SYNTHETIC_SIZES[split]
+        return Sources(avdigits.synthetic_images(n_images, seed, split), avdigits.synthetic_clips(n_clips, seed, split))
+    if source == "fsdd-mnist":
+        path = avdigits.check_data_root(root)
+        return Sources(avdigits.load_mnist(path, split), avdigits.load_fsdd(path, split, rule, held_out))
+    raise SafeError(
+        f"data.source: the built-in foundation models are pretrained on AV-digits (synthetic or fsdd-mnist), "
+        f"not on {source!r}; point base/audio_encoder at real checkpoints instead"
+    )
+
+
+def load_sources(profile: Profile, split: str) -> Sources:
+    data = profile.data
+    return _sources(data.source, data.root, split, data.split, tuple(data.held_out_speakers), profile.seed)
+
+
+def _data_spec(profile: Profile) -> dict:
+    data = profile.data
+    root = avdigits.check_data_root(data.root) if data.source == "fsdd-mnist" else None
+    return {
+        "source": data.source,
+        "split": data.split if data.source == "fsdd-mnist" else None,
+        "held_out_speakers": data.held_out_speakers if data.source == "fsdd-mnist" and data.split == "speakers" else None,
+        "content": _fingerprint(data.source, str(root) if root else None),
+        "num_train": data.num_train,
+    }
+
+
+@lru_cache(maxsize=4)
+def _fingerprint(source: str, root: Optional[str]) -> str:
+    return avdigits.source_fingerprint(source, Path(root) if root else None)
+
+
+# --------------------------------------------------------------------------- base
+
+
+def base_spec(profile: Profile) -> dict:
+    return {
+        "recipe": pretrain.RECIPE_VERSION,
+        "kind": "tiny-llava",
+        "tiny": profile.base.tiny.model_dump(),
+        "pretrain": profile.base.pretrain.model_dump(),
+        "seed": profile.base.seed,
+        "data": _data_spec(profile),
+    }
+
+
+def prepare_base(profile: Profile) -> tuple[Path, bool]:
+    """The cached, pretrained tiny LLaVA directory for this profile (built when missing)."""
+
+    def build(directory: Path) -> None:
+        from .tokenizer import build_processor
+
+        started = time.perf_counter()
+        sources = load_sources(profile, "train")
+        model = pretrain.build_tiny_llava(profile.base.tiny, profile.base.seed)
+        processor = build_processor(profile.base.tiny)
+        base = _wrap_tiny(model, processor)
+        examples = avdigits.make_examples(
+            sources.images, sources.clips, profile.data.num_train, profile.seed, "train",
+            tasks=[t for t in avdigits.TASKS if t.split("/")[0] in ("vl", "text")], retention=False,
+        )
+        base.model.requires_grad_(True)
+        losses = pretrain.pretrain_base(base.model, PromptBatcher(base), examples, sources.images,
+                                        profile.base.pretrain, profile.base.seed)
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+        _write_json(directory / "pretraining.json", {
+            "wall_seconds": time.perf_counter() - started, "final_loss": float(np.mean(losses[-50:])),
+            "examples": len(examples),
+        })
+
+    return cached_directory("tiny-llava", base_spec(profile), build)
+
+
+def _wrap_tiny(model, processor) -> BaseVLModel:
+    from ..models.base import _wrap
+
+    return _wrap("tiny-llava", model, processor)
+
+
+# --------------------------------------------------------------------------- audio encoder
+
+
+def audio_spec(profile: Profile) -> dict:
+    cfg = profile.audio_encoder
+    return {
+        "recipe": pretrain.RECIPE_VERSION,
+        "kind": "tiny-whisper",
+        "dims": {k: getattr(cfg, k) for k in ("tiny_state", "tiny_layers", "tiny_heads", "tiny_window_seconds")},
+        "pretrain": cfg.tiny_pretrain.model_dump(),
+        "seed": profile.seed,
+        "data": _data_spec(profile),
+    }
+
+
+WHISPER_FILE = "tiny-whisper.pt"
+
+
+def prepare_audio_encoder(profile: Profile) -> tuple[Path, bool]:
+    def build(directory: Path) -> None:
+        started = time.perf_counter()
+        clips = load_sources(profile, "train").clips
+        losses = pretrain.pretrain_audio_encoder(profile.audio_encoder, clips, profile.seed, directory / WHISPER_FILE)
+        _write_json(directory / "pretraining.json", {
+            "wall_seconds": time.perf_counter() - started, "final_loss": float(np.mean(losses[-50:])),
+            "clips": len(clips.labels),
+        })
+
+    directory, built = cached_directory("tiny-whisper", audio_spec(profile), build)
+    return directory / WHISPER_FILE, built
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_prepared_models(profile: Profile, device: Union[str, torch.device] = "cpu") -> tuple[BaseVLModel, AudioEncoder]:
+    """The profile's frozen base and audio encoder, with the built-in tiny ones pretrained (cached)."""
+    if profile.base.kind == "tiny-llava":
+        directory, _ = prepare_base(profile)
+        base = load_base_from_directory("tiny-llava", directory, profile.base.dtype, device)
+    else:
+        base = load_base(profile.base, device)
+    if profile.audio_encoder.kind == "tiny-whisper":
+        path, _ = prepare_audio_encoder(profile)
+        encoder: AudioEncoder = WhisperEncoder.load(str(path), device)
+    else:
+        encoder = load_audio_encoder(profile.audio_encoder, device, profile.seed)
+    return base, encoder
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def base_accuracy(base: BaseVLModel, profile: Profile, batch_size: int = 64) -> dict[str, float]:
+    """Per-task accuracy of the frozen base on the test split, given what it can see (no audio)."""
+    sources = load_sources(profile, "test")
+    examples = avdigits.make_examples(sources.images, sources.clips, profile.data.num_eval, profile.seed, "test",
+                                      tasks=BASE_EVAL_TASKS, retention=False)
+    batcher = PromptBatcher(base)
+    correct: dict[str, list[bool]] = {}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start: start + batch_size]
+        answers = generate_answers(base.model, batcher, pretrain.queries(chunk, sources.images, with_answers=False))
+        for example, answer in zip(chunk, answers):
+            correct.setdefault(example.task, []).append(is_correct(answer, example.answers))
+    return {task: float(np.mean(values)) for task, values in correct.items()}
+
+
+def audio_probe_accuracy(encoder: AudioEncoder, profile: Profile) -> float:
+    """Linear-probe digit accuracy of the frozen encoder: fit on train clips, score on test clips."""
+    train, test = load_sources(profile, "train").clips, load_sources(profile, "test").clips
+    rate = encoder.sample_rate
+    train_x = pretrain.clip_embeddings(encoder, pretrain.clips_at(train, rate))
+    test_x = pretrain.clip_embeddings(encoder, pretrain.clips_at(test, rate))
+    return pretrain.linear_probe_accuracy(train_x, torch.as_tensor(train.labels), test_x, torch.as_tensor(test.labels))
+
+
+@dataclass
+class PrepareReport:
+    base_path: Optional[str]
+    audio_encoder_path: Optional[str]
+    base_built: bool
+    audio_encoder_built: bool
+    base_accuracy: dict[str, float]
+    audio_probe_accuracy: Optional[float]
+    pretraining: dict[str, dict] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(profile: Profile, device: Union[str, torch.device] = "cpu") -> PrepareReport:
+    """Build or load the foundation models and measure them on the test split."""
+    timings: dict[str, float] = {}
+    pretraining: dict[str, dict] = {}
+    base_path = audio_path = None
+    base_built = audio_built = False
+    started = time.perf_counter()
+    if profile.base.kind == "tiny-llava":
+        directory, base_built = prepare_base(profile)
+        base_path = str(directory)
+        pretraining["base"] = json.loads((directory / "pretraining.json").read_text())
+    if profile.audio_encoder.kind == "tiny-whisper":
+        path, audio_built = prepare_audio_encoder(profile)
+        audio_path = str(path)
+        pretraining["audio_encoder"] = json.loads((path.parent / "pretraining.json").read_text())
+    base, encoder = load_prepared_models(profile, device)  # from the cache now: no second build
+    timings["build_or_load"] = time.perf_counter() - started
+    started = time.perf_counter()
+    accuracy = base_accuracy(base, profile)
+    timings["base_eval"] = time.perf_counter() - started
+    started = time.perf_counter()
+    probe = audio_probe_accuracy(encoder, profile)
+    timings["audio_probe"] = time.perf_counter() - started
+    return PrepareReport(base_path, audio_path, base_built, audio_built, accuracy, probe, pretraining, timings)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,210 @@
+"""Recipes that pretrain the built-in tiny foundation models on AV-digits' unimodal parts.
+
+* ``pretrain_base``: the tiny LLaVA (CLIP-style vision tower + Llama, all weights trained) on
+  the VL and text questions, answer tokens only in the loss. It never sees audio questions, so
+  like a real VLM it cannot answer them: that is the gap SAFE closes.
+* ``pretrain_audio_encoder``: a whisper-architecture encoder with a temporary digit classifier
+  on top (mean over the clip's frames, then a linear layer); the classifier is discarded and
+  the encoder saved in whisper's own checkpoint format, for ``whisper.load_model``.
+
+Both are plain loops (AdamW, linear warm-up then cosine decay, gradient clipping) with a rich
+progress bar; ``safe prepare`` runs them through the content-addressed cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config.schema import AudioEncoderConfig, PretrainConfig, TinyLlavaConfig
+from ..data.avdigits import DigitClips, DigitImages, Example
+from ..data.batches import PromptBatcher, Query
+from ..progress import progress_bar
+
+RECIPE_VERSION = 1  # bump when a recipe changes what it produces: the cache keys include it
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _shift(image: np.ndarray, rng: np.random.Generator, pixels: int = 2) -> np.ndarray:
+    """A random translation of up to ``pixels`` (MNIST's 8,000 training images are few for a ViT)."""
+    dy, dx = rng.integers(-pixels, pixels + 1, 2)
+    padded = np.pad(image, pixels)
+    return padded[pixels + dy: pixels + dy + image.shape[0], pixels + dx: pixels + dx + image.shape[1]]
+
+
+def queries(examples: Sequence[Example], images: DigitImages, rng: Optional[np.random.Generator] = None,
+            with_answers: bool = True) -> list[Query]:
+    """Examples as the base sees them: question and image only (the base has no ears)."""
+    out = []
+    for example in examples:
+        image = None
+        if example.image is not None:
+            image = images.images[example.image]
+            if rng is not None:
+                image = _shift(image, rng)
+        out.append(Query(example.question, image, example.answer if with_answers else None))
+    return out
+
+
+def pretrain_base(
+    model: nn.Module,
+    batcher: PromptBatcher,
+    examples: Sequence[Example],
+    images: DigitImages,
+    cfg: PretrainConfig,
+    seed: int,
+    log: Callable[[str], None] = print,
+) -> list[float]:
+    """Train every weight of ``model`` on ``examples``; returns the loss per step."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)
+    losses = []
+    with progress_bar("pretrain tiny LLaVA", cfg.steps) as advance:
+        for step in range(cfg.steps):
+            picked = rng.integers(len(examples), size=cfg.batch_size)
+            batch = batcher.for_training(queries([examples[i] for i in picked], images, rng))
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.detach().item())
+            advance(loss=f"{np.mean(losses[-20:]):.3f}")
+    model.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------- audio
+
+
+class _DigitClassifier(nn.Module):
+    def __init__(self, encoder, classes: int = 10):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.ln_post.normalized_shape[0], classes)
+
+    def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(masked_mean(self.encoder(mel), mask))
+
+
+def masked_mean(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(frames.dtype)[..., None]
+    return (frames * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def whisper_dims(cfg: AudioEncoderConfig):
+    """Whisper ``ModelDimensions`` for the built-in tiny encoder (a one-layer stub decoder: unused)."""
+    from whisper.model import ModelDimensions
+
+    from ..models.audio_encoders import whisper_positions
+
+    return ModelDimensions(
+        n_mels=80, n_audio_ctx=whisper_positions(cfg.tiny_window_seconds), n_audio_state=cfg.tiny_state,
+        n_audio_head=cfg.tiny_heads, n_audio_layer=cfg.tiny_layers, n_vocab=16, n_text_ctx=8,
+        n_text_state=cfg.tiny_state, n_text_head=cfg.tiny_heads, n_text_layer=1,
+    )
+
+
+def clips_at(clips: DigitClips, sample_rate: int) -> list[np.ndarray]:
+    from ..data.audio_io import resample
+
+    return [resample(wave, clips.sample_rate, sample_rate) for wave in clips.waves]
+
+
+def pretrain_audio_encoder(cfg: AudioEncoderConfig, clips: DigitClips, seed: int, out_path: Path) -> list[float]:
+    """Train a tiny whisper on digit recognition and save it as a whisper ``.pt`` checkpoint."""
+    from whisper.model import Whisper
+
+    from ..models.audio_encoders import WhisperEncoder
+
+    dims = whisper_dims(cfg)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    whisper_model = Whisper(dims)
+    encoder = WhisperEncoder(whisper_model.encoder, dims.n_mels)
+    waves = clips_at(clips, encoder.sample_rate)
+    mel, mask = encoder.log_mel(waves), encoder.frame_mask(waves)
+    labels = torch.as_tensor(clips.labels)
+    classifier = _DigitClassifier(whisper_model.encoder)
+    classifier.requires_grad_(True).train()
+    train = cfg.tiny_pretrain
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = warmup_cosine(optimizer, train.warmup_steps, train.steps)
+    losses = []
+    with progress_bar("pretrain tiny Whisper", train.steps) as advance:
+        for _ in range(train.steps):
+            picked = torch.as_tensor(rng.integers(len(labels), size=train.batch_size))
+            loss = F.cross_entropy(classifier(mel[picked], mask[picked]), labels[picked])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.detach().item())
+            advance(loss=f"{np.mean(losses[-20:]):.3f}")
+    # whisper.load_model reads {"dims", "model_state_dict"}; the head is not part of it.
+    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": whisper_model.state_dict()}, out_path)
+    return losses
+
+
+@torch.no_grad()
+def clip_embeddings(encoder, waves: Sequence[np.ndarray], batch_size: int = 64) -> torch.Tensor:
+    """Mean of the encoder's frames over each clip (padding frames left out), (N, D)."""
+    out = []
+    for start in range(0, len(waves), batch_size):
+        chunk = waves[start: start + batch_size]
+        frames = encoder(chunk)
+        out.append(masked_mean(frames.float(), encoder.frame_mask(chunk).to(frames.device)).cpu())
+    return torch.cat(out)
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                          test_y: torch.Tensor, l2: float = 1e-3) -> float:
+    """Multinomial logistic regression (L-BFGS) on frozen features; accuracy on the test set."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    weight = torch.zeros(train_x.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(train_x @ weight + bias, train_y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(((test_x @ weight + bias).argmax(1) == test_y).float().mean())
+
+
+def build_tiny_llava(cfg: TinyLlavaConfig, seed: int):
+    """A freshly initialised tiny LLaVA (the architecture ``base.kind: tiny-llava`` names)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from ..models.base import tiny_llava_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlavaForConditionalGeneration(tiny_llava_config(cfg))
