@@ -9,6 +9,7 @@ import torch
 import whisper
 from scipy.signal import resample_poly
 
+import tiny_models
 from conftest import shared_data_root
 from safe_cli.config import load_profile
 from safe_cli.errors import SafeError
@@ -91,7 +92,8 @@ def test_tiny_whisper_is_deterministic_per_seed(wav_file):
     cfg = encoder_profile()
     clip = read_wav(wav_file, 16000)
     first, second = load_audio_encoder(cfg, seed=0)([clip]), load_audio_encoder(cfg, seed=0)([clip])
-    assert first.shape == (1, 1500, cfg.tiny_state)
+    # The built-in tiny encoder's window is tiny_window_seconds, at whisper's 50 frames a second.
+    assert first.shape == (1, round(cfg.tiny_window_seconds * 50), cfg.tiny_state)
     assert torch.equal(first, second)
     assert not torch.equal(first, load_audio_encoder(cfg, seed=1)([clip]))
 
@@ -104,3 +106,13 @@ def test_missing_whisper_checkpoint_names_the_key(tmp_path):
 def test_missing_clap_directory_names_the_key(tmp_path):
     with pytest.raises(SafeError, match=r"audio_encoder\.clap\.name_or_path: local model directory not found"):
         ClapEncoder.load(str(tmp_path / "no-clap"))
+
+
+def test_whisper_window_follows_the_checkpoint_and_frame_mask_covers_the_clip(tmp_path):
+    """A whisper checkpoint with a 2 s window pads to 2 s; the frame mask marks the clip's frames."""
+    path = tiny_models.save_tiny_whisper(tmp_path / "short.pt", n_audio_ctx=100)
+    encoder = WhisperEncoder.load(str(path))
+    assert encoder.window_samples == 32000
+    clips = [np.zeros(16000, np.float32), np.zeros(100, np.float32), np.zeros(48000, np.float32)]
+    assert encoder(clips).shape == (3, 100, 64)
+    assert encoder.frame_mask(clips).sum(1).tolist() == [50, 1, 100]

@@ -41,12 +41,12 @@ def save_tiny_hf_blip2(directory: Path, seed: int = 2) -> Path:
     return directory
 
 
-def save_tiny_whisper(path: Path, seed: int = 3) -> Path:
+def save_tiny_whisper(path: Path, seed: int = 3, n_audio_ctx: int = 1500) -> Path:
     """A whisper-architecture model saved in whisper's own checkpoint format (dims as a plain dict)."""
     from whisper.model import ModelDimensions, Whisper
 
     torch.manual_seed(seed)
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=2,
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=n_audio_ctx, n_audio_state=64, n_audio_head=2, n_audio_layer=2,
                            n_vocab=51865, n_text_ctx=16, n_text_state=64, n_text_head=2, n_text_layer=1)
     model = Whisper(dims)
     torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": model.state_dict()}, path)

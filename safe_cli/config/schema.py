@@ -90,9 +90,14 @@ class BaseModelConfig(Section):
     )
     tiny: TinyLlavaConfig = Field(default_factory=TinyLlavaConfig, description="Dimensions for tiny-llava.")
     seed: int = Field(0, description="Initialisation seed of the tiny-llava weights (before its pretraining).")
+    vision_pretrain: PretrainConfig = Field(
+        default_factory=lambda: PretrainConfig(steps=500, lr=3e-3),
+        description="tiny-llava stage 1: the vision tower learns digits with a temporary classifier, as "
+        "CLIP is pretrained before LLaVA (safe prepare).",
+    )
     pretrain: PretrainConfig = Field(
         default_factory=PretrainConfig,
-        description="tiny-llava: pretraining on the AV-digits VL and text questions (safe prepare).",
+        description="tiny-llava stage 2: the whole model on the AV-digits VL and text questions (safe prepare).",
     )
 
     @model_validator(mode="after")

@@ -5,7 +5,8 @@ Policy:
 * soundfile (libsndfile) first, for the formats it reads natively (WAV, FLAC, OGG, AIFF, ...):
   it is fast, needs no subprocess and returns the stored samples exactly.
 * ffmpeg (the binary, through a pipe) for everything else (MP3, M4A, ...) and as the fallback
-  when soundfile cannot open a file; ffmpeg also resamples in that path.
+  when soundfile cannot open a file; ffmpeg also resamples and mixes to mono in that path
+  (told to average the channels, as the soundfile path does).
 * Resampling of soundfile output uses scipy's polyphase filter (``resample_poly``) with the
   rate ratio reduced by its gcd, which is exact in length and cheap for common rate pairs.
 

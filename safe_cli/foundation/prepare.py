@@ -86,6 +86,7 @@ def base_spec(profile: Profile) -> dict:
         "recipe": pretrain.RECIPE_VERSION,
         "kind": "tiny-llava",
         "tiny": profile.base.tiny.model_dump(),
+        "vision_pretrain": profile.base.vision_pretrain.model_dump(),
         "pretrain": profile.base.pretrain.model_dump(),
         "seed": profile.base.seed,
         "data": _data_spec(profile),
@@ -108,13 +109,16 @@ def prepare_base(profile: Profile) -> tuple[Path, bool]:
             tasks=[t for t in avdigits.TASKS if t.split("/")[0] in ("vl", "text")], retention=False,
         )
         base.model.requires_grad_(True)
+        vision_losses = pretrain.pretrain_vision_tower(
+            base.model, processor, sources.images, profile.base.vision_pretrain, profile.base.seed
+        )
         losses = pretrain.pretrain_base(base.model, PromptBatcher(base), examples, sources.images,
                                         profile.base.pretrain, profile.base.seed)
         model.save_pretrained(directory)
         processor.save_pretrained(directory)
         _write_json(directory / "pretraining.json", {
             "wall_seconds": time.perf_counter() - started, "final_loss": float(np.mean(losses[-50:])),
-            "examples": len(examples),
+            "vision_final_loss": float(np.mean(vision_losses[-50:])), "examples": len(examples),
         })
 
     return cached_directory("tiny-llava", base_spec(profile), build)

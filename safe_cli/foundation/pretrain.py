@@ -62,6 +62,48 @@ def queries(examples: Sequence[Example], images: DigitImages, rng: Optional[np.r
     return out
 
 
+def pretrain_vision_tower(model: nn.Module, processor, images: DigitImages, cfg: PretrainConfig, seed: int) -> list[float]:
+    """Stage 1, as CLIP is pretrained before LLaVA: the vision tower and projector learn digits.
+
+    A temporary linear classifier reads the *mean* of the image tokens the LLM will receive
+    (vision tower, then LLaVA's multi-modal projector) and is discarded afterwards. Reading the
+    mean makes every image token carry the digit, so the LLM's freshly initialised, near-uniform
+    attention already finds it. Without this stage, the LLM's loss alone trains the tower from
+    scratch very slowly (measured: 13% digit accuracy after 600 steps).
+    """
+    from PIL import Image
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    head = nn.Linear(model.config.text_config.hidden_size, 10)
+    parameters = (
+        list(model.model.vision_tower.parameters())
+        + list(model.model.multi_modal_projector.parameters())
+        + list(head.parameters())
+    )
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)
+    losses = []
+    model.train()
+    with progress_bar("pretrain vision tower", cfg.steps) as advance:
+        for _ in range(cfg.steps):
+            picked = rng.integers(len(images.labels), size=cfg.batch_size)
+            batch = [Image.fromarray(_shift(images.images[i], rng)).convert("RGB") for i in picked]
+            pixels = processor.image_processor(batch, return_tensors="pt")["pixel_values"]
+            features = model.model.get_image_features(pixel_values=pixels)
+            features = getattr(features, "pooler_output", features)  # transformers 5 wraps the list
+            pooled = torch.stack([tokens.mean(0) for tokens in features])
+            loss = F.cross_entropy(head(pooled), torch.as_tensor(images.labels[picked]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.detach().item())
+            advance(loss=f"{np.mean(losses[-20:]):.3f}")
+    return losses
+
+
 def pretrain_base(
     model: nn.Module,
     batcher: PromptBatcher,

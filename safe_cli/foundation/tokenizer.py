@@ -66,8 +66,10 @@ def build_processor(cfg: TinyLlavaConfig):
     images = ImageProcessor(
         size={"shortest_edge": cfg.image_size},
         crop_size={"height": cfg.image_size, "width": cfg.image_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+        # MNIST's pixel statistics: with 0.5/0.5 the black background dominates every patch
+        # and the tower learns far more slowly (measured).
+        image_mean=[0.13, 0.13, 0.13],
+        image_std=[0.31, 0.31, 0.31],
     )
     # "default" strategy drops CLIP's CLS token: one <image> becomes (image/patch)^2 tokens.
     return LlavaProcessor(

@@ -1,0 +1,81 @@
+"""safe prepare: the built-in foundation models are built once, cached by content, loaded by real loaders."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from safe_cli.cli.main import app
+from safe_cli.config import load_profile
+from safe_cli.data.avdigits import TASKS
+from safe_cli.foundation import prepare as prep
+from safe_cli.foundation.cache import cached_directory
+
+# A few steps each: these tests check the plumbing, not the accuracy (the note reports that).
+FAST = [
+    "base.vision_pretrain.steps=3", "base.pretrain.steps=3", "base.pretrain.batch_size=4",
+    "audio_encoder.tiny_pretrain.steps=3", "audio_encoder.tiny_pretrain.batch_size=4",
+    "data.num_train=8", "data.num_eval=3",
+]
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SAFE_NO_PROGRESS", "1")
+    return tmp_path / "cache"
+
+
+def test_prepare_builds_once_then_loads_the_same_weights(cache):
+    profile = load_profile("demo", FAST)
+    first = prep.prepare(profile)
+    assert first.base_built and first.audio_encoder_built
+    assert set(first.base_accuracy) == set(TASKS)
+    assert all(0.0 <= acc <= 1.0 for acc in first.base_accuracy.values())
+    assert 0.0 <= first.audio_probe_accuracy <= 1.0
+    second = prep.prepare(profile)
+    assert not second.base_built and not second.audio_encoder_built
+    assert (second.base_path, second.audio_encoder_path) == (first.base_path, first.audio_encoder_path)
+    base_a, encoder_a = prep.load_prepared_models(profile)
+    base_b, encoder_b = prep.load_prepared_models(profile)
+    assert base_a.fingerprint() == base_b.fingerprint()
+    assert encoder_a.fingerprint() == encoder_b.fingerprint()
+    # A normal Hugging Face directory (model + processor + tokenizer) and a whisper checkpoint.
+    assert base_a.processor is not None and base_a.processor.tokenizer.decode([4]) == "user"
+    assert encoder_a.num_frames == round(profile.audio_encoder.tiny_window_seconds * 50)
+
+
+def test_changed_settings_build_a_new_entry(cache):
+    a, _ = prep.prepare_base(load_profile("demo", FAST))
+    b, built = prep.prepare_base(load_profile("demo", FAST + ["base.pretrain.lr=0.001"]))
+    assert built and a != b
+    c, built = prep.prepare_base(load_profile("demo", FAST + ["base.pretrain.lr=0.001"]))
+    assert not built and c == b
+
+
+def test_a_crashed_build_leaves_nothing_behind(cache):
+    def fails(directory):
+        (directory / "half-written").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cached_directory("thing", {"a": 1}, fails)
+    assert [p.name for p in (cache / "thing").iterdir() if not p.name.endswith(".lock")] == []
+    path, built = cached_directory("thing", {"a": 1}, lambda d: (d / "ok").write_text("y"))
+    assert built and (path / "ok").read_text() == "y"
+
+
+def test_prepare_json_cli(cache):
+    result = CliRunner().invoke(app, ["prepare", "--json", *[x for s in FAST for x in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["base_accuracy"]) == set(TASKS)
+    assert isinstance(report["audio_probe_accuracy"], float)
+
+
+def test_fsdd_mnist_without_a_root_is_a_clear_error(cache, monkeypatch):
+    monkeypatch.delenv("SAFE_DATA_ROOT", raising=False)
+    result = CliRunner().invoke(app, ["prepare", "--profile", "avdigits"])
+    assert result.exit_code == 2
+    assert "data.root" in result.output and "SAFE_DATA_ROOT" in result.output
+    assert "Traceback" not in result.output
