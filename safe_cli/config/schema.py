@@ -58,7 +58,7 @@ class TinyLlavaConfig(Section):
 class PretrainConfig(Section):
     """How the framework pretrains one of its built-in tiny foundation models (cached by content hash)."""
 
-    steps: int = Field(1500, ge=1, description="Optimizer steps.")
+    steps: int = Field(2500, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples per step.")
     lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate (linear warm-up, cosine decay).")
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
@@ -91,7 +91,7 @@ class BaseModelConfig(Section):
     tiny: TinyLlavaConfig = Field(default_factory=TinyLlavaConfig, description="Dimensions for tiny-llava.")
     seed: int = Field(0, description="Initialisation seed of the tiny-llava weights (before its pretraining).")
     vision_pretrain: PretrainConfig = Field(
-        default_factory=lambda: PretrainConfig(steps=500, lr=3e-3),
+        default_factory=lambda: PretrainConfig(steps=1500, lr=3e-3),
         description="tiny-llava stage 1: the vision tower learns digits with a temporary classifier, as "
         "CLIP is pretrained before LLaVA (safe prepare).",
     )
