@@ -221,6 +221,9 @@ class PrepareReport:
 
 def prepare(profile: Profile, device: Union[str, torch.device] = "cpu") -> PrepareReport:
     """Build or load the foundation models and measure them on the test split."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what happens; HF's per-shard bars are noise
     timings: dict[str, float] = {}
     pretraining: dict[str, dict] = {}
     base_path = audio_path = None
