@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

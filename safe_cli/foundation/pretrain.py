@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -111,7 +111,6 @@ def pretrain_base(
     images: DigitImages,
     cfg: PretrainConfig,
     seed: int,
-    log: Callable[[str], None] = print,
 ) -> list[float]:
     """Train every weight of ``model`` on ``examples``; returns the loss per step."""
     torch.manual_seed(seed)
