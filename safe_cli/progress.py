@@ -13,10 +13,10 @@ _console = Console(stderr=True)
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
+def progress_bar(description: str, total: int, completed: int = 0) -> Iterator[Callable[..., None]]:
     """Yields ``advance(**fields)``: one step done, with fields (loss=...) shown beside the bar.
 
-    ``SAFE_NO_PROGRESS=1`` hides the bar (tests, logs of batch jobs).
+    ``completed`` starts the bar part-way (a resumed run). ``SAFE_NO_PROGRESS=1`` hides the bar (tests, logs of batch jobs).
     """
     disabled = os.environ.get("SAFE_NO_PROGRESS") == "1"
     progress = Progress(
@@ -31,7 +31,7 @@ def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
         disable=disabled,
     )
     with progress:
-        task = progress.add_task(description, total=total, info="")
+        task = progress.add_task(description, total=total, completed=completed, info="")
 
         def advance(**fields: object) -> None:
             info = " ".join(f"{key} {value}" for key, value in fields.items())

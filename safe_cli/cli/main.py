@@ -8,12 +8,13 @@ from .. import __version__
 from .common import State
 from .check import check
 from .prepare import prepare
+from .train import train
 from .validate import validate
 
 app = typer.Typer(
     name="safe",
     help="SAFE: add audio understanding to a frozen vision-language model without regressing it.\n\n"
-    "Examples:\n\n    safe validate demo\n\n    safe prepare\n\n    safe check --profile demo",
+    "Examples:\n\n    safe validate demo\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe check --profile demo",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -38,6 +39,7 @@ def root(
 app.command("validate")(validate)
 app.command("check")(check)
 app.command("prepare")(prepare)
+app.command("train")(train)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ progress bar; ``safe prepare`` runs them through the content-addressed cache.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,18 +26,9 @@ from ..config.schema import AudioEncoderConfig, PretrainConfig, TinyLlavaConfig
 from ..data.avdigits import DigitClips, DigitImages, Example
 from ..data.batches import PromptBatcher, Query
 from ..progress import progress_bar
+from ..training.schedule import warmup_cosine
 
 RECIPE_VERSION = 1  # bump when a recipe changes what it produces: the cache keys include it
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _shift(image: np.ndarray, rng: np.random.Generator, pixels: int = 2) -> np.ndarray:

@@ -131,6 +131,30 @@ class SAFEModel(nn.Module):
 
         Returns the base's Hugging Face output; ``.logits`` is (B, L, vocab).
         """
+        with self._audio_fused(input_ids, token_budget, audio, audio_features, audio_frame_mask):
+            return self.base(input_ids=input_ids, **base_inputs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        token_budget: Optional[torch.Tensor] = None,
+        audio: Optional[Sequence[Waveform]] = None,
+        audio_features: Optional[torch.Tensor] = None,
+        audio_frame_mask: Optional[torch.Tensor] = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """The base's ``generate`` with audio fused into rows whose budget is > 0.
+
+        The audio tokens are computed once; the cross-attention reads them at every decoding
+        step (each text position attends to audio only, so the KV cache stays valid).
+        """
+        with self._audio_fused(input_ids, token_budget, audio, audio_features, audio_frame_mask):
+            return self.base_model.generate(input_ids=input_ids, **generate_kwargs)
+
+    @contextlib.contextmanager
+    def _audio_fused(self, input_ids, token_budget, audio, audio_features, audio_frame_mask):
+        """Checks the budgets, computes audio tokens for rows with k > 0 and installs the hooks."""
         batch = input_ids.shape[0]
         if token_budget is None:
             token_budget = torch.zeros(batch, dtype=torch.long)
@@ -142,7 +166,8 @@ class SAFEModel(nn.Module):
 
         rows = torch.nonzero(token_budget > 0).flatten()
         if rows.numel() == 0:
-            return self.base(input_ids=input_ids, **base_inputs)  # no encoder, no hooks: the base itself
+            yield  # no encoder, no hooks: the base itself
+            return
 
         every_row = rows.numel() == batch  # common in training; skips copying (B, 1500, D) features
 
@@ -158,4 +183,4 @@ class SAFEModel(nn.Module):
         if bool(mask.all()):
             mask = None  # every row uses all k_max tokens: SDPA's unmasked kernel is faster
         with self._fusion_hooks(None if every_row else rows, tokens, mask):
-            return self.base(input_ids=input_ids, **base_inputs)
+            yield

@@ -1,0 +1,1 @@
+"""Training stages (one recipe file each), their retention mechanisms, checkpoints and run layout."""

@@ -1,0 +1,66 @@
+"""AV-digits examples -> SAFEModel inputs: the base's prompt tokens, the clips, the budgets.
+
+The prompt is the base's own (``PromptBatcher``): audio reaches the LLM only through the
+fusion adapters' cross-attention, never as text, so a retention example with a distractor clip
+has exactly the base's input tokens, and the teacher (the base without audio) and the student
+(SAFE with the clip) are compared position by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..data.avdigits import DigitImages, Example
+from ..data.batches import PromptBatcher, Query
+
+
+@dataclass
+class ExamplePool:
+    """One split's examples and the raw material they index (clips at the encoder's rate)."""
+
+    examples: list[Example]
+    images: DigitImages
+    waves: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def queries(self, chosen: Sequence[Example], with_answers: bool) -> list[Query]:
+        return [Query(e.question, None if e.image is None else self.images.images[e.image],
+                      e.answer if with_answers else None) for e in chosen]
+
+    def audio(self, chosen: Sequence[Example]) -> list[Optional[np.ndarray]]:
+        return [None if e.clip is None else self.waves[e.clip] for e in chosen]
+
+
+def training_batch(batcher: PromptBatcher, pool: ExamplePool, chosen: Sequence[Example],
+                   budgets: Sequence[int]) -> dict:
+    """Inputs with ``labels`` on the answer tokens, the clips and a budget per row."""
+    batch = batcher.for_training(pool.queries(chosen, with_answers=True))
+    batch["audio"] = pool.audio(chosen)
+    batch["token_budget"] = torch.as_tensor(list(budgets), dtype=torch.long, device=batch["input_ids"].device)
+    return batch
+
+
+def draw_budgets(rng: np.random.Generator, positive_budgets: Sequence[int], chosen: Sequence[Example]) -> list[int]:
+    """A random positive budget for each row with a clip (nested tokens: every k must work); 0 otherwise."""
+    return [int(rng.choice(positive_budgets)) if e.clip is not None else 0 for e in chosen]
+
+
+@torch.no_grad()
+def generate_safe_answers(model, batcher: PromptBatcher, pool: ExamplePool, chosen: Sequence[Example],
+                          budget: int, max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers of the SAFE model, each row with ``budget`` audio tokens if it has a clip."""
+    batch = batcher.for_generation(pool.queries(chosen, with_answers=False))
+    budgets = [budget if e.clip is not None else 0 for e in chosen]
+    tokenizer = batcher.tokenizer
+    output = model.generate(
+        **batch, token_budget=torch.as_tensor(budgets, device=batch["input_ids"].device),
+        audio=pool.audio(chosen), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return batcher.decode(output[:, batch["input_ids"].shape[1]:])

@@ -1,0 +1,91 @@
+"""Per-task accuracy of the frozen base and of SAFE on the same test examples, paired.
+
+Every example is answered twice: by the base, which never hears audio, and by SAFE, with the
+example's clip at a given token budget (rows without a clip get budget 0, the bypass). For VL
+and text questions the clip, when present, is a *distractor*: SAFE must answer as the base does.
+Per-example correctness is kept, not only the means, so paired statistics can be computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..data.avdigits import Example
+from ..data.scoring import is_correct
+from ..progress import progress_bar
+from .batches import ExamplePool, generate_safe_answers
+
+
+@dataclass
+class TaskResult:
+    task: str
+    with_audio: bool
+    base_correct: list[bool] = field(default_factory=list)
+    safe_correct: list[bool] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.task.split("/")[0]
+
+    @property
+    def n(self) -> int:
+        return len(self.safe_correct)
+
+    @property
+    def base_accuracy(self) -> float:
+        return float(np.mean(self.base_correct)) if self.base_correct else float("nan")
+
+    @property
+    def safe_accuracy(self) -> float:
+        return float(np.mean(self.safe_correct)) if self.safe_correct else float("nan")
+
+    def summary(self) -> dict:
+        return {"task": self.task, "kind": self.kind, "with_audio": self.with_audio, "n": self.n,
+                "base_accuracy": self.base_accuracy, "safe_accuracy": self.safe_accuracy,
+                "delta": self.safe_accuracy - self.base_accuracy}
+
+    def to_dict(self) -> dict:
+        return {**self.summary(), **asdict(self)}
+
+
+def group_key(example: Example) -> tuple[str, bool]:
+    return example.task, example.clip is not None
+
+
+def evaluate(model, batcher, pool: ExamplePool, budget: int, batch_size: int = 64,
+             max_examples: Optional[int] = None, description: str = "evaluate") -> list[TaskResult]:
+    """Base and SAFE answers for every example of ``pool``, grouped by (task, has a clip)."""
+    groups: dict[tuple[str, bool], list[Example]] = {}
+    for example in pool.examples:
+        groups.setdefault(group_key(example), []).append(example)
+    if max_examples:
+        groups = {key: chosen[:max_examples] for key, chosen in groups.items()}
+    results = {key: TaskResult(*key) for key in groups}
+    batches = [(key, chosen[i: i + batch_size]) for key, chosen in groups.items()
+               for i in range(0, len(chosen), batch_size)]
+    with progress_bar(description, len(batches)) as advance:
+        for key, chunk in batches:
+            base = generate_safe_answers(model, batcher, pool, chunk, budget=0)
+            safe = generate_safe_answers(model, batcher, pool, chunk, budget=budget) if key[1] else base
+            results[key].base_correct += [is_correct(a, e.answers) for a, e in zip(base, chunk)]
+            results[key].safe_correct += [is_correct(a, e.answers) for a, e in zip(safe, chunk)]
+            advance()
+    return list(results.values())
+
+
+def audio_accuracy_by_budget(model, batcher, pool: ExamplePool, budgets: Sequence[int], task: str = "audio/digit",
+                             batch_size: int = 64) -> dict[int, float]:
+    """SAFE's accuracy on one audio task at each positive budget (nested tokens: all should work)."""
+    chosen = [e for e in pool.examples if e.task == task]
+    out = {}
+    for budget in budgets:
+        correct = []
+        for i in range(0, len(chosen), batch_size):
+            chunk = chosen[i: i + batch_size]
+            answers = generate_safe_answers(model, batcher, pool, chunk, budget=budget)
+            correct += [is_correct(a, e.answers) for a, e in zip(answers, chunk)]
+        out[int(budget)] = float(np.mean(correct)) if correct else float("nan")
+    return out

@@ -1,0 +1,237 @@
+"""The three retention mechanisms of Stage A, each a small object with one job.
+
+All three act on *retention batches*: VL and text questions with a distractor clip attached,
+run with the adapter active. (On inputs without audio the bypass already returns the base
+exactly, so a retention term there would be vacuous.)
+
+* ``distillation_kl``: KL(teacher || student) on the answer tokens at temperature T, times T^2
+  (Hinton et al.), the teacher being the frozen base on the same input without audio.
+* ``FisherPenalty``: EWC's sum_i F_i (theta_i - theta_i^ref)^2 with a diagonal Fisher estimated
+  on retention examples at the reference (the start of training, which equals the base).
+* ``NullSpaceProjector``: GPM / Adam-NSCL. Inputs of protected linear layers are collected on
+  retention batches; the top singular directions of those inputs are protected, and every
+  update of the layer's weight is projected so that ``W x`` does not change for x in them.
+
+The projection is applied to the *update* the optimizer made, not to the gradient: Adam
+rescales each coordinate of the gradient, and weight decay shrinks every direction, so a
+projected gradient would not give a projected update. Projecting the update is exact for any
+optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L-1) bool: positions whose next token is a labelled (answer) token."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def distillation_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Mean over answer tokens of T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+
+    ``*_logits`` are (B, L, V) from the same inputs; ``labels`` (B, L) mark answer tokens as
+    in causal-LM training (-100 elsewhere). Logit t predicts token t+1, hence the shift.
+    """
+    positions = answer_positions(labels)
+    if not bool(positions.any()):
+        return student_logits.sum() * 0.0  # keeps the graph; no answer tokens, nothing to match
+    student = student_logits[:, :-1][positions].float() / temperature
+    teacher = teacher_logits[:, :-1][positions].float().detach() / temperature
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+# --------------------------------------------------------------------------- Fisher
+
+
+class FisherPenalty:
+    """Diagonal-Fisher (EWC) penalty around reference parameters.
+
+    ``estimate`` takes a function returning the negative log-likelihood of one example (the
+    frozen base's answer, under the model with the distractor clip); per example gradients are
+    squared and averaged, as the Fisher information's definition asks (squaring a batch's
+    gradient would cancel terms between examples). The Fisher is divided by its largest entry
+    so that ``fisher_weight`` means the same whatever the model's scale.
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, nn.Parameter]]):
+        self.parameters = dict(named_parameters)
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.reference: dict[str, torch.Tensor] = {}
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.fisher)
+
+    def estimate(self, example_losses: Iterable[Callable[[], torch.Tensor]]) -> int:
+        """Fisher at the current parameters, which become the reference. Returns examples used."""
+        sums = {name: torch.zeros_like(p) for name, p in self.parameters.items()}
+        count = 0
+        for loss_fn in example_losses:
+            for p in self.parameters.values():
+                p.grad = None
+            loss_fn().backward()
+            for name, p in self.parameters.items():
+                if p.grad is not None:
+                    sums[name] += p.grad.detach() ** 2
+            count += 1
+        for p in self.parameters.values():
+            p.grad = None
+        if count == 0:
+            raise ValueError("the Fisher needs at least one retention example")
+        largest = max(float(s.max()) for s in sums.values())
+        scale = count * largest if largest > 0 else float(count)
+        self.fisher = {name: s / scale for name, s in sums.items()}
+        self.reference = {name: p.detach().clone() for name, p in self.parameters.items()}
+        return count
+
+    def penalty(self) -> torch.Tensor:
+        """sum_i F_i (theta_i - theta_i^ref)^2 (0 before ``estimate``)."""
+        first = next(iter(self.parameters.values()))
+        total = first.new_zeros(())
+        for name, fisher in self.fisher.items():
+            total = total + (fisher * (self.parameters[name] - self.reference[name]) ** 2).sum()
+        return total
+
+    def state_dict(self) -> dict:
+        return {"fisher": dict(self.fisher), "reference": dict(self.reference)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fisher = {k: v.clone() for k, v in state["fisher"].items()}
+        self.reference = {k: v.clone() for k, v in state["reference"].items()}
+
+
+# --------------------------------------------------------------------------- null space
+
+
+class NullSpaceProjector:
+    """Keeps protected linear layers' outputs on retention inputs unchanged by every update.
+
+    Use: ``with projector.collecting(): <forward of a retention batch>`` accumulates the
+    uncentred covariance of each protected layer's inputs; ``maybe_refresh(step)`` recomputes
+    the protected bases (top ``rank`` eigenvectors) once ``min_samples`` examples were seen and
+    then every ``refresh_interval`` steps; around ``optimizer.step()`` call ``snapshot()`` then
+    ``project(snapshot)``.
+    """
+
+    def __init__(self, layers: dict[str, nn.Linear], rank: int, min_samples: int, refresh_interval: int):
+        if not layers:
+            raise ValueError("null-space projection needs at least one protected linear layer")
+        self.layers = layers
+        self.rank = rank
+        self.min_samples = min_samples
+        self.refresh_interval = refresh_interval
+        self.covariance = {name: torch.zeros(l.in_features, l.in_features, dtype=torch.float64,
+                                             device=l.weight.device) for name, l in layers.items()}
+        self.samples = 0
+        self.bases: dict[str, torch.Tensor] = {}
+        self.refreshed_at: Optional[int] = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.bases)
+
+    def collecting(self, examples: int, token_mask: Optional[torch.Tensor] = None):
+        """Context manager: record the inputs of the protected layers during one forward.
+
+        ``token_mask`` (rows, L), when given, keeps only real tokens (padding is not an input
+        the base will ever be judged on).
+        """
+        projector = self
+
+        class _Collect:
+            def __enter__(self_inner):
+                self_inner.handles = [layer.register_forward_pre_hook(projector._hook(name, token_mask))
+                                      for name, layer in projector.layers.items()]
+                return self_inner
+
+            def __exit__(self_inner, *exc):
+                for handle in self_inner.handles:
+                    handle.remove()
+                if exc[0] is None:
+                    projector.samples += examples
+                return False
+
+        return _Collect()
+
+    def _hook(self, name: str, token_mask: Optional[torch.Tensor]):
+        def hook(module, args):
+            x = args[0].detach()
+            if token_mask is not None and x.dim() == 3 and token_mask.shape == x.shape[:2]:
+                x = x[token_mask.to(x.device).bool()]
+            x = x.reshape(-1, x.shape[-1]).double()
+            self.covariance[name] += x.T @ x
+
+        return hook
+
+    def maybe_refresh(self, step: int) -> bool:
+        """Recompute the bases when due; True if it did."""
+        if self.samples < self.min_samples:
+            return False
+        due = self.refreshed_at is None or step - self.refreshed_at >= self.refresh_interval
+        if not due:
+            return False
+        for name, covariance in self.covariance.items():
+            eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+            rank = min(self.rank, int((eigenvalues > eigenvalues[-1] * 1e-10).sum()))
+            weight = self.layers[name].weight
+            self.bases[name] = eigenvectors[:, -rank:].flip(-1).to(weight.dtype) if rank else \
+                torch.zeros(weight.shape[1], 0, dtype=weight.dtype, device=weight.device)
+        self.refreshed_at = step
+        return True
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: layer.weight.detach().clone() for name, layer in self.layers.items()} if self.active else {}
+
+    @torch.no_grad()
+    def project(self, before: dict[str, torch.Tensor]) -> None:
+        """Replace each protected weight's update dW by dW (I - U U^T)."""
+        for name, old in before.items():
+            weight = self.layers[name].weight
+            basis = self.bases[name]
+            delta = weight - old
+            weight.copy_(old + delta - (delta @ basis) @ basis.T)
+
+    def state_dict(self) -> dict:
+        return {"covariance": dict(self.covariance), "samples": self.samples, "bases": dict(self.bases),
+                "refreshed_at": -1 if self.refreshed_at is None else self.refreshed_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.covariance = {k: v.clone() for k, v in state["covariance"].items()}
+        self.samples = int(state["samples"])
+        self.bases = {k: v.clone() for k, v in state["bases"].items()}
+        refreshed = int(state["refreshed_at"])
+        self.refreshed_at = None if refreshed < 0 else refreshed
+
+
+def protected_linears(fusion: nn.Module) -> dict[str, nn.Linear]:
+    """The fusion adapter's trainable linears that read the LLM's own hidden states.
+
+    Those are the query projections (their LoRA ``A`` when LoRA is used, else the whole
+    ``q_proj``): on a retention batch their input is the base's state for a VL or text
+    question. The key/value/output projections and the projector read the (distractor) audio;
+    protecting their inputs would forbid the adapter to learn to read audio at all.
+    """
+    layers: dict[str, nn.Linear] = {}
+    for name, module in fusion.named_modules():
+        if not name.endswith("q_proj"):
+            continue
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None and len(lora_a):
+            layers[f"{name}.lora_A"] = next(iter(lora_a.values()))
+        elif isinstance(module, nn.Linear) and module.weight.requires_grad:
+            layers[name] = module
+    return layers

@@ -1,0 +1,463 @@
+"""Stage A, alignment: teach the projector and fusion adapters to hear, keep the base unharmed.
+
+The recipe, top to bottom:
+
+1. Load the frozen base and audio encoder (the built-in tiny ones come pretrained from the
+   cache), build projector + fusion for the run's seed, fingerprint the base.
+2. Alignment examples: the audio and AV questions of the training split. Every row gets a
+   random positive token budget, so the first k projector tokens are useful for every k.
+3. Retention examples: VL and text questions with a distractor clip. Each step (every
+   ``retention_every`` steps) adds the variant's retention terms on one such batch: KL to the
+   base without audio, the Fisher penalty; null-space projection constrains the update itself.
+4. AdamW with separate learning rates for projector and adapters, warm-up then cosine decay,
+   gradient clipping; a non-finite loss or gradient skips the step (counted, never applied).
+5. A checkpoint every ``checkpoint_every`` steps and at the end. Each step's batch is drawn
+   from a generator seeded by (seed, step), so "data position" is the step number and a resumed
+   run sees exactly the batches the uninterrupted one would have.
+6. At the end: base vs SAFE accuracy per task on the test split, with and without a distractor
+   clip, and the base fingerprint checked again.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import yaml
+
+from ..config.loader import dump_profile
+from ..config.schema import Profile, RetentionVariant
+from ..config.variants import resolve_variants
+from ..data import avdigits
+from ..data.batches import PromptBatcher
+from ..errors import RunFailed, SafeError
+from ..foundation.prepare import load_prepared_models, load_sources
+from ..foundation.pretrain import clips_at
+from ..models.builder import build_trainable, resolve_device
+from ..models.safe_model import SAFEModel
+from ..progress import progress_bar
+from . import run_dir as layout
+from .batches import ExamplePool, draw_budgets, training_batch
+from .checkpoint import check_fingerprint, latest_checkpoint, save_checkpoint
+from .evaluate import TaskResult, audio_accuracy_by_budget, evaluate
+from .retention import FisherPenalty, NullSpaceProjector, distillation_kl, protected_linears
+from .schedule import warmup_cosine
+
+ALIGNMENT_KINDS = ("audio", "av")
+RETENTION_KINDS = ("vl", "text")
+
+
+@dataclass
+class StageAResult:
+    stage_dir: Path
+    variant: str
+    seed: int
+    steps: int
+    resumed_from: Optional[int]
+    skipped_steps: int
+    train_seconds: float
+    examples_per_second: float
+    peak_memory_mb: float
+    base_fingerprint: str
+    base_unchanged: bool
+    tasks: list[TaskResult] = field(default_factory=list)
+    audio_digit_by_budget: dict[int, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "stage": "a", "variant": self.variant, "seed": self.seed, "steps": self.steps,
+            "resumed_from": self.resumed_from, "skipped_steps": self.skipped_steps,
+            "train_seconds": self.train_seconds, "examples_per_second": self.examples_per_second,
+            "peak_memory_mb": self.peak_memory_mb, "base_fingerprint": self.base_fingerprint,
+            "base_unchanged": self.base_unchanged, "tasks": [t.summary() for t in self.tasks],
+            "audio_digit_by_budget": {str(k): v for k, v in self.audio_digit_by_budget.items()},
+        }
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def resolve_variant(profile: Profile, name: Optional[str]) -> tuple[str, RetentionVariant]:
+    from ..config.variants import VariantError
+
+    try:
+        variants = resolve_variants(profile.retention.variants)
+    except VariantError as exc:
+        raise SafeError(f"{exc.key}: {exc}") from None
+    name = name or profile.retention.default_variant
+    if name not in variants:
+        raise SafeError(f"--variant: unknown variant {name!r}; known: {', '.join(sorted(variants))}")
+    return name, variants[name]
+
+
+def _profile_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    out = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _profile_differences(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: {a!r} in the run, {b!r} now")
+    return out
+
+
+def prepare_stage_dir(directory: Path, profile: Profile, resume: bool) -> None:
+    """Refuse to mix two runs in one folder; on resume, refuse a changed profile."""
+    has_checkpoints = latest_checkpoint(directory) is not None
+    if has_checkpoints and not resume:
+        raise SafeError(
+            f"--run-dir: {directory} already holds a run's checkpoints; pass --resume to continue it, "
+            f"or choose another --run-dir/--seed"
+        )
+    saved_profile = directory / layout.PROFILE_FILE
+    if resume and saved_profile.exists():
+        saved = yaml.safe_load(saved_profile.read_text())
+        differences = _profile_differences(saved, profile.model_dump(mode="json"))
+        if differences:
+            raise SafeError(
+                f"{saved_profile}: the run was started with another profile; resuming would mix two "
+                "trainings:\n" + "\n".join(differences[:20])
+            )
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+class _Interrupt:
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) / SIGINT: stop after this step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test worker): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak resident memory of this process (and of the GPU, when training there)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if device.type == "cuda":
+        return rss + torch.cuda.max_memory_allocated(device) / 2**20
+    return rss
+
+
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose every answer token is the argmax (teacher-forced exact match)."""
+    predicted = logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    scored = target != -100
+    rows = ((predicted == target) | ~scored).all(1) & scored.any(1)
+    return float(rows.float().sum() / scored.any(1).float().sum().clamp(min=1))
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+class StageATrainer:
+    """Holds one Stage A run's state; ``run()`` trains, checkpoints and evaluates."""
+
+    def __init__(self, profile: Profile, variant: Optional[str] = None, seed: Optional[int] = None,
+                 run_dir: Optional[Union[str, Path]] = None, resume: bool = False,
+                 device: Optional[str] = None):
+        self.profile = profile
+        self.cfg = profile.training.stage_a
+        self.variant_name, self.variant = resolve_variant(profile, variant)
+        self.seed = profile.seed if seed is None else seed
+        self.device = resolve_device(device or profile.training.device)
+        root = layout.run_root(profile.runs_dir, profile.name, self.variant_name, self.seed,
+                               str(run_dir) if run_dir else None)
+        self.stage_dir = layout.stage_dir(root, "a")
+        self.resume = resume
+        prepare_stage_dir(self.stage_dir, profile, resume)
+
+    # ------------------------------------------------------------------ building
+
+    def build(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        profile = self.profile
+        base, encoder = load_prepared_models(profile, self.device)
+        projector, fusion = build_trainable(profile, base, encoder.feature_dim, self.seed)
+        self.model = SAFEModel(base, projector, fusion, encoder).to(self.device)
+        self.batcher = PromptBatcher(base)
+        self.base_fingerprint = self.model.base_fingerprint()
+        self.positive_budgets = [b for b in profile.policy.token_budgets if b > 0]
+        self.max_budget = max(self.positive_budgets)
+        if self.max_budget > profile.projector.num_tokens:
+            raise SafeError(f"policy.token_budgets: {self.max_budget} exceeds projector.num_tokens "
+                            f"({profile.projector.num_tokens})")
+
+        rate = encoder.sample_rate
+        train, test = load_sources(profile, "train"), load_sources(profile, "test")
+        train_examples = avdigits.make_examples(train.images, train.clips, profile.data.num_train, profile.seed,
+                                                "train", retention=True)
+        train_waves = clips_at(train.clips, rate)
+        self.alignment = ExamplePool([e for e in train_examples if e.task.split("/")[0] in ALIGNMENT_KINDS],
+                                     train.images, train_waves)
+        self.retention_pool = ExamplePool([e for e in train_examples if e.is_retention], train.images, train_waves)
+        test_examples = avdigits.make_examples(test.images, test.clips, profile.data.num_eval, profile.seed,
+                                               "test", retention=True)
+        self.test_pool = ExamplePool(test_examples, test.images, clips_at(test.clips, rate))
+
+        trainable = dict(self.model.trainable_named_parameters())
+        self.trainable = trainable
+        projector_params = [p for n, p in trainable.items() if n.startswith("projector.")]
+        adapter_params = [p for n, p in trainable.items() if not n.startswith("projector.")]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": projector_params, "lr": self.cfg.lr_projector, "name": "projector"},
+             {"params": adapter_params, "lr": self.cfg.lr_adapter, "name": "adapter"}],
+            weight_decay=self.cfg.weight_decay,
+        )
+        self.scheduler = warmup_cosine(self.optimizer, self.cfg.warmup_steps, self.cfg.steps)
+
+        variant = self.variant
+        weight = variant.retention_loss_weight
+        self.kl_weight = weight * variant.distillation_weight
+        self.fisher_weight = weight * variant.fisher_weight
+        self.fisher = FisherPenalty(trainable.items()) if self.fisher_weight > 0 else None
+        self.null_space = None
+        if variant.enable_null_space:
+            self.null_space = NullSpaceProjector(
+                protected_linears(self.model.fusion), variant.null_space_rank,
+                variant.null_space_min_samples, variant.null_space_refresh_interval,
+            )
+        self.uses_retention_batches = self.kl_weight > 0 or self.null_space is not None
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self, step: int, skipped: int) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "step": step, "skipped_steps": skipped,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.fisher is not None:
+            state["fisher"] = self.fisher.state_dict()
+        if self.null_space is not None:
+            state["null_space"] = self.null_space.state_dict()
+        return state
+
+    def save(self, step: int, skipped: int) -> Path:
+        weights = {name: p.detach() for name, p in self.trainable.items()}
+        meta = {"base_fingerprint": self.base_fingerprint, "variant": self.variant_name, "seed": self.seed,
+                "profile": self.profile.name, "stage": "a"}
+        return save_checkpoint(self.stage_dir, step, weights, self.state_dict(step, skipped), meta)
+
+    def restore(self) -> tuple[int, int]:
+        """Load the latest checkpoint (if any); returns (step, skipped steps)."""
+        checkpoint = latest_checkpoint(self.stage_dir)
+        if checkpoint is None:
+            return 0, 0
+        check_fingerprint(checkpoint, self.base_fingerprint)
+        weights = checkpoint.weights(self.device)
+        if set(weights) != set(self.trainable):
+            missing, extra = set(self.trainable) - set(weights), set(weights) - set(self.trainable)
+            raise SafeError(f"{checkpoint.path}: trainable weights do not match this model "
+                            f"(missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]})")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                self.trainable[name].copy_(tensor)
+        state = checkpoint.state()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if self.fisher is not None and "fisher" in state:
+            self.fisher.load_state_dict(state["fisher"])
+        if self.null_space is not None and "null_space" in state:
+            self.null_space.load_state_dict(state["null_space"])
+        return int(state["step"]), int(state["skipped_steps"])
+
+    # ------------------------------------------------------------------ one step
+
+    def _pick(self, pool: ExamplePool, rng: np.random.Generator):
+        chosen = [pool.examples[i] for i in rng.integers(len(pool), size=self.cfg.batch_size)]
+        return chosen, draw_budgets(rng, self.positive_budgets, chosen)
+
+    def _retention_loss(self, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
+        chosen, budgets = self._pick(self.retention_pool, rng)
+        batch = training_batch(self.batcher, self.retention_pool, chosen, budgets)
+        labels = batch.pop("labels")
+        audio, budget = batch.pop("audio"), batch.pop("token_budget")
+        with torch.no_grad():
+            teacher = self.model.base(**batch).logits  # the base itself: same tokens, no audio
+        if self.null_space is not None:
+            with self.null_space.collecting(len(chosen), batch["attention_mask"]):
+                student = self.model(**batch, token_budget=budget, audio=audio).logits
+        else:
+            student = self.model(**batch, token_budget=budget, audio=audio).logits
+        kl = distillation_kl(student, teacher, labels, self.profile.retention.temperature)
+        return kl, float(kl.detach())
+
+    def _estimate_fisher(self) -> int:
+        """EWC's Fisher on retention examples, at the starting point (which equals the base)."""
+        rng = np.random.default_rng([self.seed, 2**31 - 1])  # its own stream: never shifts the batches
+        picks = rng.integers(len(self.retention_pool), size=self.profile.retention.fisher_samples)
+
+        def example_loss(index: int):
+            def loss():
+                chosen = [self.retention_pool.examples[index]]
+                batch = training_batch(self.batcher, self.retention_pool, chosen, [self.max_budget])
+                return self.model(**batch).loss
+
+            return loss
+
+        return self.fisher.estimate(example_loss(int(i)) for i in picks)
+
+    def _step(self, step: int) -> dict[str, float]:
+        rng = np.random.default_rng([self.seed, step])
+        losses = []
+        accuracy = []
+        for _ in range(self.cfg.grad_accum):
+            chosen, budgets = self._pick(self.alignment, rng)
+            batch = training_batch(self.batcher, self.alignment, chosen, budgets)
+            output = self.model(**batch)
+            losses.append(output.loss)
+            accuracy.append(answer_accuracy(output.logits.detach(), batch["labels"]))
+        audio_loss = torch.stack(losses).mean()
+        loss = audio_loss
+        record = {"audio_loss": float(audio_loss.detach()), "audio_acc": float(np.mean(accuracy))}
+        if self.uses_retention_batches and step % self.cfg.retention_every == 0:
+            kl, kl_value = self._retention_loss(rng)
+            record["kl"] = kl_value
+            if self.kl_weight > 0:
+                loss = loss + self.kl_weight * kl
+        if self.fisher is not None:
+            penalty = self.fisher.penalty()
+            record["fisher"] = float(penalty.detach())
+            loss = loss + self.fisher_weight * penalty
+        record["loss"] = float(loss.detach())
+
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = math.isfinite(record["loss"])
+        if finite:
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.cfg.grad_clip)
+            finite = bool(torch.isfinite(norm))
+            record["grad_norm"] = float(norm)
+        if finite:
+            before = self.null_space.snapshot() if self.null_space is not None else {}
+            self.optimizer.step()
+            if before:
+                self.null_space.project(before)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)  # never let a NaN/Inf reach the weights
+        self.scheduler.step()  # the schedule follows steps taken, skipped or not
+        if self.null_space is not None and self.null_space.maybe_refresh(step):
+            record["null_space_refreshed"] = 1.0
+        record["skipped"] = 0.0 if finite else 1.0
+        return record
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> StageAResult:
+        self.build()
+        directory = self.stage_dir
+        layout.atomic_write_text(directory / layout.PROFILE_FILE, dump_profile(self.profile))
+        layout.write_json(directory / layout.ENV_FILE, layout.environment(str(self.device)))
+        fingerprint_file = directory / layout.FINGERPRINT_FILE
+        if fingerprint_file.exists() and fingerprint_file.read_text().strip() != self.base_fingerprint:
+            raise SafeError(f"{fingerprint_file}: this run was trained on base {fingerprint_file.read_text().strip()}, "
+                            f"the profile's base is {self.base_fingerprint}")
+        layout.atomic_write_text(fingerprint_file, self.base_fingerprint + "\n")
+
+        start, skipped = self.restore() if self.resume else (0, 0)
+        resumed_from = start if self.resume and start > 0 else None
+        metrics_path = directory / layout.METRICS_FILE
+        if self.resume:
+            layout.truncate_metrics(metrics_path, start)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+        if self.fisher is not None and not self.fisher.ready:
+            self._estimate_fisher()
+        self.model.train()
+
+        examples_per_step = self.cfg.batch_size * self.cfg.grad_accum
+        window: list[dict[str, float]] = []
+        train_seconds = 0.0
+        steps_timed = 0
+        with _Interrupt() as interrupt, progress_bar("stage A", self.cfg.steps, completed=start) as advance:
+            for step in range(start + 1, self.cfg.steps + 1):
+                began = time.perf_counter()
+                record = self._step(step)
+                elapsed = time.perf_counter() - began
+                train_seconds += elapsed
+                steps_timed += 1
+                skipped += int(record["skipped"])
+                window.append(record)
+                speed = examples_per_step * steps_timed / max(train_seconds, 1e-9)
+                mean = {key: float(np.mean([r[key] for r in window if key in r]))
+                        for key in ("loss", "audio_acc", "kl", "fisher") if any(key in r for r in window)}
+                advance(**{k: f"{v:.3f}" for k, v in mean.items()}, ex_s=f"{speed:.0f}")
+                if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+                    layout.append_metrics(metrics_path, {
+                        "step": step, **mean, "skipped_steps": skipped, "examples_per_second": speed,
+                        "lr_projector": self.optimizer.param_groups[0]["lr"],
+                        "lr_adapter": self.optimizer.param_groups[1]["lr"],
+                        "gates": {str(k): v for k, v in self.model.fusion.gates().items()},
+                    })
+                    window = []
+                if step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps:
+                    self.save(step, skipped)
+                if interrupt.received:
+                    self.save(step, skipped)
+                    raise RunFailed(f"stopped by {interrupt.received} after step {step}; checkpoint saved in "
+                                    f"{directory}; continue with --resume")
+        from safetensors.torch import save_file
+
+        final = directory / layout.FINAL_WEIGHTS
+        tmp = final.with_name(f".{final.name}.tmp")
+        save_file({name: p.detach().contiguous().cpu() for name, p in self.trainable.items()}, str(tmp))
+        tmp.replace(final)
+
+        self.model.eval()
+        eval_cfg = self.profile.evaluation
+        tasks = evaluate(self.model, self.batcher, self.test_pool, self.max_budget, eval_cfg.batch_size,
+                         eval_cfg.max_examples, description="evaluate base vs SAFE")
+        by_budget = audio_accuracy_by_budget(self.model, self.batcher, self.test_pool, self.positive_budgets,
+                                             batch_size=eval_cfg.batch_size)
+        unchanged = self.model.base_fingerprint() == self.base_fingerprint
+        result = StageAResult(
+            stage_dir=directory, variant=self.variant_name, seed=self.seed, steps=self.cfg.steps,
+            resumed_from=resumed_from, skipped_steps=skipped, train_seconds=train_seconds,
+            examples_per_second=examples_per_step * steps_timed / train_seconds if train_seconds else float("nan"),
+            peak_memory_mb=peak_memory_mb(self.device), base_fingerprint=self.base_fingerprint,
+            base_unchanged=unchanged, tasks=tasks, audio_digit_by_budget=by_budget,
+        )
+        layout.write_json(directory / layout.SUMMARY_FILE, result.summary())
+        layout.write_json(directory / "eval_examples.json", [t.to_dict() for t in tasks])
+        if not unchanged:
+            raise RunFailed(f"the base's fingerprint changed during training ({self.base_fingerprint} -> "
+                            f"{self.model.base_fingerprint()}): a frozen weight was modified")
+        return result
+
+
+def train_stage_a(profile: Profile, **kwargs: Any) -> StageAResult:
+    return StageATrainer(profile, **kwargs).run()
