@@ -79,3 +79,28 @@ def test_fsdd_mnist_without_a_root_is_a_clear_error(cache, monkeypatch):
     assert result.exit_code == 2
     assert "data.root" in result.output and "SAFE_DATA_ROOT" in result.output
     assert "Traceback" not in result.output
+
+
+def test_shifting_processed_pixels_equals_processing_shifted_images():
+    # The vision stage shifts processed pixels (the processor runs once for all images); that
+    # must be the same augmentation as shifting the raw image and processing it.
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from safe_cli.foundation.pretrain import _shift, _shift_pixels
+    from safe_cli.foundation.tokenizer import build_processor
+
+    processor = build_processor(load_profile("demo").base.tiny)
+
+    def process(arrays):
+        return processor.image_processor([Image.fromarray(a).convert("RGB") for a in arrays],
+                                         return_tensors="pt")["pixel_values"]
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    background = process(np.zeros((1, 28, 28), np.uint8))[0, :, 0, 0]
+    shifted = _shift_pixels(process(images), background, np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    expected = process(np.stack([_shift(image, rng) for image in images]))
+    torch.testing.assert_close(shifted, expected)
+    assert not torch.equal(shifted, process(images))  # it did move something

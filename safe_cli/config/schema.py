@@ -31,9 +31,9 @@ class TinyLlavaConfig(Section):
     max_position_embeddings: int = Field(256, ge=16, description="Longest sequence the LLM accepts.")
     image_size: int = Field(28, ge=8, description="Side of the square input image in pixels.")
     patch_size: int = Field(7, ge=1, description="Vision-tower patch side; image_size must be a multiple.")
-    vision_hidden_size: int = Field(32, ge=8, description="Vision-tower hidden size.")
+    vision_hidden_size: int = Field(64, ge=8, description="Vision-tower hidden size.")
     vision_layers: int = Field(2, ge=1, description="Vision-tower transformer layers.")
-    vision_heads: int = Field(2, ge=1, description="Vision-tower attention heads.")
+    vision_heads: int = Field(4, ge=1, description="Vision-tower attention heads.")
 
     @model_validator(mode="after")
     def _shapes_agree(self) -> "TinyLlavaConfig":
@@ -91,12 +91,12 @@ class BaseModelConfig(Section):
     tiny: TinyLlavaConfig = Field(default_factory=TinyLlavaConfig, description="Dimensions for tiny-llava.")
     seed: int = Field(0, description="Initialisation seed of the tiny-llava weights (before its pretraining).")
     vision_pretrain: PretrainConfig = Field(
-        default_factory=lambda: PretrainConfig(steps=1500, lr=3e-3),
+        default_factory=lambda: PretrainConfig(steps=3000, lr=3e-3),
         description="tiny-llava stage 1: the vision tower learns digits with a temporary classifier, as "
         "CLIP is pretrained before LLaVA (safe prepare).",
     )
     pretrain: PretrainConfig = Field(
-        default_factory=PretrainConfig,
+        default_factory=lambda: PretrainConfig(steps=1500),
         description="tiny-llava stage 2: the whole model on the AV-digits VL and text questions (safe prepare).",
     )
 
@@ -179,6 +179,10 @@ class FusionConfig(Section):
     gate_init: float = Field(
         0.0, description="Initial value of each layer's tanh gate; 0 makes the untrained model equal the base."
     )
+    null_slot: bool = Field(
+        True, description="Give each cross-attention a learned key with a zero value, so a text position can "
+        "attend to no audio at all (what a VL question with an unrelated clip needs)."
+    )
 
     @field_validator("layers")
     @classmethod
@@ -247,8 +251,11 @@ class StageAConfig(Section):
     steps: int = Field(300, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Examples per step (per process).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
-    lr_projector: float = Field(1e-3, gt=0, description="Learning rate of the projector.")
-    lr_adapter: float = Field(5e-4, gt=0, description="Learning rate of the fusion adapters (LoRA + gates).")
+    lr_projector: float = Field(3e-3, gt=0, description="Learning rate of the projector.")
+    lr_adapter: float = Field(
+        3e-3, gt=0, description="Learning rate of the fusion adapters (LoRA, norms, gates, null keys). Adam moves a "
+        "tanh gate by about lr per step, so a short run needs a larger rate than a long one."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before cosine decay.")
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")

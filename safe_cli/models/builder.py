@@ -44,6 +44,7 @@ def build_trainable(
             base.head_dim,
             bias=base.attention_bias,
             gate_init=profile.fusion.gate_init,
+            null_slot=profile.fusion.null_slot,
         )
         if profile.fusion.init_from_base:
             fusion.init_from_base(

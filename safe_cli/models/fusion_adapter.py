@@ -3,6 +3,12 @@
 ``CrossAttentionBlock`` is the unit: ``h + tanh(gate) * attn(norm(h), norm(audio))``. Its gate
 starts at zero, so a fresh block returns its input exactly and training starts at the base.
 
+Each block also has a *null slot*: one learned key whose value is zero. Softmax attention must
+otherwise spread all its weight over the audio tokens, so every text position, even of a
+question that has nothing to do with the clip, would receive some audio. With the null slot a
+query can attend to nothing, which is what retention (answer a VL question as the base does,
+a distractor clip notwithstanding) asks of it.
+
 ``FusionAdapter`` holds one block per chosen decoder layer. With ``init_from_base`` each block's
 q/k/v/o start as copies of that layer's own self-attention projections (frozen) and learn LoRA
 deltas through peft, so the adapter begins by attending the way the layer already does.
@@ -36,6 +42,7 @@ class CrossAttentionBlock(nn.Module):
         head_dim: Optional[int] = None,
         bias: bool = False,
         gate_init: float = 0.0,
+        null_slot: bool = True,
     ):
         super().__init__()
         self.hidden_size = hidden_size
@@ -51,6 +58,7 @@ class CrossAttentionBlock(nn.Module):
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=bias)
         self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        self.null_key = nn.Parameter(torch.zeros(self.num_kv_heads * self.head_dim)) if null_slot else None
 
     def forward(
         self,
@@ -64,6 +72,12 @@ class CrossAttentionBlock(nn.Module):
         audio = self.norm_audio(audio_tokens)
         k, v = self.k_proj(audio), self.v_proj(audio)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.null_key is not None:
+            k = torch.cat([self.null_key.to(k.dtype).expand(batch, 1, -1), k], 1)
+            v = torch.cat([v.new_zeros(batch, 1, v.shape[-1]), v], 1)
+            kv_len += 1
+            if audio_mask is not None:
+                audio_mask = torch.cat([audio_mask.new_ones(batch, 1), audio_mask.bool()], 1)
         k = k.view(batch, kv_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, kv_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         mask = None if audio_mask is None else audio_mask.bool()[:, None, None, :]
@@ -102,13 +116,14 @@ class FusionAdapter(nn.Module):
         head_dim: Optional[int] = None,
         bias: bool = False,
         gate_init: float = 0.0,
+        null_slot: bool = True,
     ):
         super().__init__()
         self.layers = list(layers)
         self.blocks = nn.ModuleDict(
             {
                 str(layer): CrossAttentionBlock(
-                    hidden_size, num_attention_heads, num_key_value_heads, head_dim, bias, gate_init
+                    hidden_size, num_attention_heads, num_key_value_heads, head_dim, bias, gate_init, null_slot
                 )
                 for layer in self.layers
             }
@@ -124,9 +139,11 @@ class FusionAdapter(nn.Module):
             self.block(layer).load_attention_weights(attention)
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(PROJECTIONS))
         inject_adapter_in_model(config, self)
-        # peft froze everything but LoRA; norms and gates are the adapter's own and must train.
+        # peft froze everything but LoRA; norms, gates and null keys are the adapter's own and must train.
         for name, param in self.named_parameters():
-            param.requires_grad = "lora_" in name or "norm_" in name or name.endswith(".gate")
+            param.requires_grad = (
+                "lora_" in name or "norm_" in name or name.endswith(".gate") or name.endswith(".null_key")
+            )
         self.uses_lora = True
 
     def gates(self) -> dict[int, float]:

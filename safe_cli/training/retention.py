@@ -92,9 +92,9 @@ class FisherPenalty:
             p.grad = None
         if count == 0:
             raise ValueError("the Fisher needs at least one retention example")
-        largest = max(float(s.max()) for s in sums.values())
-        scale = count * largest if largest > 0 else float(count)
-        self.fisher = {name: s / scale for name, s in sums.items()}
+        mean = {name: s / count for name, s in sums.items()}
+        largest = max(float(m.max()) for m in mean.values())
+        self.fisher = {name: m / largest if largest > 0 else m for name, m in mean.items()}
         self.reference = {name: p.detach().clone() for name, p in self.parameters.items()}
         return count
 
@@ -134,8 +134,10 @@ class NullSpaceProjector:
         self.rank = rank
         self.min_samples = min_samples
         self.refresh_interval = refresh_interval
-        self.covariance = {name: torch.zeros(l.in_features, l.in_features, dtype=torch.float64,
-                                             device=l.weight.device) for name, l in layers.items()}
+        # A bias is a weight column whose input is always 1: protecting W x + b on x means
+        # protecting [W b] on [x, 1], so layers with a bias collect the augmented inputs.
+        self.covariance = {name: torch.zeros(l.in_features + (l.bias is not None), l.in_features + (l.bias is not None),
+                                             dtype=torch.float64, device=l.weight.device) for name, l in layers.items()}
         self.samples = 0
         self.bases: dict[str, torch.Tensor] = {}
         self.refreshed_at: Optional[int] = None
@@ -173,6 +175,8 @@ class NullSpaceProjector:
             if token_mask is not None and x.dim() == 3 and token_mask.shape == x.shape[:2]:
                 x = x[token_mask.to(x.device).bool()]
             x = x.reshape(-1, x.shape[-1]).double()
+            if module.bias is not None:
+                x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
             self.covariance[name] += x.T @ x
 
         return hook
@@ -189,24 +193,36 @@ class NullSpaceProjector:
             rank = min(self.rank, int((eigenvalues > eigenvalues[-1] * 1e-10).sum()))
             weight = self.layers[name].weight
             self.bases[name] = eigenvectors[:, -rank:].flip(-1).to(weight.dtype) if rank else \
-                torch.zeros(weight.shape[1], 0, dtype=weight.dtype, device=weight.device)
+                torch.zeros(covariance.shape[0], 0, dtype=weight.dtype, device=weight.device)
         self.refreshed_at = step
         return True
 
+    @staticmethod
+    def _augmented(layer: nn.Linear) -> torch.Tensor:
+        """[W b] (out, in + 1) for a layer with a bias, W otherwise."""
+        if layer.bias is None:
+            return layer.weight.detach()
+        return torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1)
+
     def snapshot(self) -> dict[str, torch.Tensor]:
-        return {name: layer.weight.detach().clone() for name, layer in self.layers.items()} if self.active else {}
+        return {name: self._augmented(layer).clone() for name, layer in self.layers.items()} if self.active else {}
 
     @torch.no_grad()
     def project(self, before: dict[str, torch.Tensor]) -> None:
-        """Replace each protected weight's update dW by dW (I - U U^T)."""
+        """Replace each protected weight's update dW by dW (I - U U^T) (the bias with it)."""
         for name, old in before.items():
-            weight = self.layers[name].weight
+            layer = self.layers[name]
             basis = self.bases[name]
-            delta = weight - old
-            weight.copy_(old + delta - (delta @ basis) @ basis.T)
+            delta = self._augmented(layer) - old
+            new = old + delta - (delta @ basis) @ basis.T
+            layer.weight.copy_(new[:, : layer.in_features])
+            if layer.bias is not None:
+                layer.bias.copy_(new[:, layer.in_features])
 
     def state_dict(self) -> dict:
-        return {"covariance": dict(self.covariance), "samples": self.samples, "bases": dict(self.bases),
+        # Copies: the live covariance keeps growing in place after a state is taken.
+        return {"covariance": {k: v.clone() for k, v in self.covariance.items()}, "samples": self.samples,
+                "bases": {k: v.clone() for k, v in self.bases.items()},
                 "refreshed_at": -1 if self.refreshed_at is None else self.refreshed_at}
 
     def load_state_dict(self, state: dict) -> None:

@@ -24,6 +24,7 @@ import math
 import resource
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -369,7 +370,11 @@ class StageATrainer:
                 self.null_space.project(before)
         else:
             self.optimizer.zero_grad(set_to_none=True)  # never let a NaN/Inf reach the weights
-        self.scheduler.step()  # the schedule follows steps taken, skipped or not
+        with warnings.catch_warnings():
+            # A skipped first step makes torch warn that the scheduler stepped before the optimizer;
+            # that is intended: the schedule follows steps taken, skipped or not.
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         if self.null_space is not None and self.null_space.maybe_refresh(step):
             record["null_space_refreshed"] = 1.0
         record["skipped"] = 0.0 if finite else 1.0
