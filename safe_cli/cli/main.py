@@ -7,6 +7,7 @@ import typer
 from .. import __version__
 from .common import State
 from .check import check
+from .encode_audio import encode_audio
 from .prepare import prepare
 from .train import train
 from .validate import validate
@@ -40,6 +41,7 @@ app.command("validate")(validate)
 app.command("check")(check)
 app.command("prepare")(prepare)
 app.command("train")(train)
+app.command("encode-audio")(encode_audio)
 
 
 def main() -> None:

@@ -165,6 +165,14 @@ def prepare_audio_encoder(profile: Profile) -> tuple[Path, bool]:
 # --------------------------------------------------------------------------- loading
 
 
+def load_prepared_audio_encoder(profile: Profile, device: Union[str, torch.device] = "cpu") -> AudioEncoder:
+    """The profile's frozen audio encoder; the built-in tiny-whisper pretrained (cached) first."""
+    if profile.audio_encoder.kind == "tiny-whisper":
+        path, _ = prepare_audio_encoder(profile)
+        return WhisperEncoder.load(str(path), device)
+    return load_audio_encoder(profile.audio_encoder, device, profile.seed)
+
+
 def load_prepared_models(profile: Profile, device: Union[str, torch.device] = "cpu") -> tuple[BaseVLModel, AudioEncoder]:
     """The profile's frozen base and audio encoder, with the built-in tiny ones pretrained (cached)."""
     if profile.base.kind == "tiny-llava":
@@ -172,12 +180,7 @@ def load_prepared_models(profile: Profile, device: Union[str, torch.device] = "c
         base = load_base_from_directory("tiny-llava", directory, profile.base.dtype, device)
     else:
         base = load_base(profile.base, device)
-    if profile.audio_encoder.kind == "tiny-whisper":
-        path, _ = prepare_audio_encoder(profile)
-        encoder: AudioEncoder = WhisperEncoder.load(str(path), device)
-    else:
-        encoder = load_audio_encoder(profile.audio_encoder, device, profile.seed)
-    return base, encoder
+    return base, load_prepared_audio_encoder(profile, device)
 
 
 # --------------------------------------------------------------------------- measuring

@@ -193,7 +193,9 @@ def pretrain_audio_encoder(cfg: AudioEncoderConfig, clips: DigitClips, seed: int
     whisper_model = Whisper(dims)
     encoder = WhisperEncoder(whisper_model.encoder, dims.n_mels)
     waves = clips_at(clips, encoder.sample_rate)
-    mel, mask = encoder.log_mel(waves), encoder.frame_mask(waves)
+    # In chunks: the STFT of every clip at once holds ~0.4 MB per clip of complex spectra (GBs).
+    mel = torch.cat([encoder.log_mel(waves[i: i + 256]) for i in range(0, len(waves), 256)])
+    mask = encoder.frame_mask(waves)
     labels = torch.as_tensor(clips.labels)
     classifier = _DigitClassifier(whisper_model.encoder)
     classifier.requires_grad_(True).train()

@@ -25,6 +25,8 @@ class TaskResult:
     with_audio: bool
     base_correct: list[bool] = field(default_factory=list)
     safe_correct: list[bool] = field(default_factory=list)
+    base_answers: list[str] = field(default_factory=list)
+    safe_answers: list[str] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -72,6 +74,8 @@ def evaluate(model, batcher, pool: ExamplePool, budget: int, batch_size: int = 6
             safe = generate_safe_answers(model, batcher, pool, chunk, budget=budget) if key[1] else base
             results[key].base_correct += [is_correct(a, e.answers) for a, e in zip(base, chunk)]
             results[key].safe_correct += [is_correct(a, e.answers) for a, e in zip(safe, chunk)]
+            results[key].base_answers += base
+            results[key].safe_answers += safe
             advance()
     return list(results.values())
 

@@ -201,6 +201,9 @@ class StageATrainer:
 
         hf_logging.disable_progress_bar()
         profile = self.profile
+        if profile.data.source not in ("synthetic", "fsdd-mnist"):
+            raise SafeError(f"data.source: Stage A trains on AV-digits (synthetic or fsdd-mnist) for now; "
+                            f"training from a {profile.data.source!r} source is not built yet")
         base, encoder = load_prepared_models(profile, self.device)
         projector, fusion = build_trainable(profile, base, encoder.feature_dim, self.seed)
         self.model = SAFEModel(base, projector, fusion, encoder).to(self.device)
