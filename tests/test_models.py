@@ -153,6 +153,20 @@ def test_fresh_cross_attention_block_returns_its_input_exactly():
     assert not torch.allclose(block(states, tokens), states)
 
 
+def test_null_slot_lets_a_query_attend_to_nothing():
+    # With every audio token masked out only the zero-valued null slot is left: the block adds
+    # exactly nothing (without the slot, a softmax over no keys would be NaN).
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(hidden_size=32, num_attention_heads=4)
+    states, tokens = torch.randn(2, 6, 32), torch.randn(2, 3, 32)
+    with torch.no_grad():
+        block.gate.fill_(0.5)
+        attending = block(states, tokens, torch.ones(2, 3, dtype=torch.bool))
+        nothing = block(states, tokens, torch.zeros(2, 3, dtype=torch.bool))
+    assert not torch.allclose(attending, states)
+    assert torch.equal(nothing, states)
+
+
 def test_projector_tokens_are_nested():
     projector = AudioProjector(audio_embed_dim=40, llm_hidden_size=32, num_audio_tokens=12)
     frames = torch.randn(2, 50, 40)
