@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
+from ..atomic import atomic_write_text
 from ..errors import SafeError
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -401,21 +401,9 @@ def write_manifest(records: Iterable[Record], path: PathLike) -> Path:
     else:
         text = "".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj in objects)
 
-    tmp = base / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         base.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise ManifestError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        raise
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot write: {exc.strerror or exc}") from None
     return path

@@ -34,14 +34,15 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Iterable, Iterator, Mapping, Optional, Union
 
 import torch
+
+from ..atomic import atomic_write, atomic_write_text, is_temp
 
 METADATA_KEY = "safe_features"
 FORMAT_VERSION = 1
 SHARD_SUFFIX = ".safetensors"
-TEMP_SUFFIX = ".tmp"
 _HASH_BLOCK = 1 << 20
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -59,54 +60,6 @@ def content_hash(path: PathLike) -> str:
 
 class ShardError(Exception):
     """A shard file whose header cannot be read as a feature shard."""
-
-
-def _is_temp(name: str) -> bool:
-    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
-
-
-def _fsync_directory(path: Path) -> None:
-    # Makes the rename itself durable; not every platform/filesystem allows it, which is fine.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; safetensors writes 0600, too strict for a shared cache
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` fills a temp file beside ``path``; it is fsync'ed and renamed over ``path``."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
-    try:
-        write(tmp)
-        os.chmod(tmp, _FILE_MODE)
-        with open(tmp, "rb+") as handle:
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_directory(path.parent)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_shard_header(path: PathLike) -> tuple[str, dict[str, dict]]:
@@ -184,7 +137,7 @@ class FeatureCache:
         # Only under the lock: writers hold it while their temp file exists, so these are orphans.
         for folder in (self.directory, self.shards_dir):
             for entry in os.scandir(folder):
-                if _is_temp(entry.name) and entry.is_file():
+                if is_temp(entry.name) and entry.is_file():
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
 
@@ -234,7 +187,7 @@ class FeatureCache:
         if index == self._index_on_disk:
             return
         text = json.dumps(index, sort_keys=True, indent=0) + "\n"
-        _atomic_write_text(self.index_path, text)
+        atomic_write_text(self.index_path, text)
         self._index_bytes = text.encode("utf-8")
         self._index_on_disk = {fp: dict(entries) for fp, entries in index.items()}
 
@@ -294,7 +247,7 @@ class FeatureCache:
 
                 save_file(tensors, str(tmp), metadata=metadata)
 
-            _atomic_write(self.shard_path(name), write)
+            atomic_write(self.shard_path(name), write)
             index.setdefault(encoder_fp, {}).update({h: name for h in fresh})
             self._save_index(index)
             self._index = index
@@ -339,7 +292,7 @@ class FeatureCache:
                 records[str(path)] = record
             text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records.values())
             if text or self.failures_path.exists():
-                _atomic_write_text(self.failures_path, text)
+                atomic_write_text(self.failures_path, text)
 
     # ------------------------------------------------------------------ summary
 

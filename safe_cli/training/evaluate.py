@@ -81,9 +81,9 @@ def evaluate(model, batcher, pool: ExamplePool, budget: int, batch_size: int = 6
 
 
 def audio_accuracy_by_budget(model, batcher, pool: ExamplePool, budgets: Sequence[int], task: str = "audio/digit",
-                             batch_size: int = 64) -> dict[int, float]:
+                             batch_size: int = 64, max_examples: Optional[int] = None) -> dict[int, float]:
     """SAFE's accuracy on one audio task at each positive budget (nested tokens: all should work)."""
-    chosen = [e for e in pool.examples if e.task == task]
+    chosen = [e for e in pool.examples if e.task == task][:max_examples]
     out = {}
     for budget in budgets:
         correct = []

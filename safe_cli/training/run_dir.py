@@ -17,7 +17,6 @@ Stage B reads Stage A's weights from ``stage_dir(run, "a")``; nothing else knows
 from __future__ import annotations
 
 import json
-import os
 import platform
 import socket
 import subprocess
@@ -26,6 +25,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
+
+from ..atomic import atomic_write_text
 
 STAGE_FOLDERS = {"a": "stage-a", "b": "stage-b", "c": "stage-c"}
 
@@ -47,17 +48,6 @@ def run_root(runs_dir: str, profile: str, variant: str, seed: int, run_dir: Opti
 
 def stage_dir(root: Path, stage: str) -> Path:
     return Path(root) / STAGE_FOLDERS[stage]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write beside the target, fsync, rename: a crash leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, value: Any) -> None:
