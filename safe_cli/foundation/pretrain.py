@@ -49,6 +49,16 @@ def _shift_pixels(pixels: torch.Tensor, background: torch.Tensor, rng: np.random
     return out
 
 
+def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, parameters, losses: list[float]) -> None:
+    """One update of every pretraining loop: backward, clip at 1.0, step, schedule, record."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    scheduler.step()
+    losses.append(loss.detach().item())
+
+
 def queries(examples: Sequence[Example], images: DigitImages, rng: Optional[np.random.Generator] = None,
             with_answers: bool = True) -> list[Query]:
     """Examples as the base sees them: question and image only (the base has no ears)."""
@@ -103,12 +113,7 @@ def pretrain_vision_tower(model: nn.Module, processor, images: DigitImages, cfg:
             features = getattr(features, "pooler_output", features)  # transformers 5 wraps the list
             pooled = torch.stack([tokens.mean(0) for tokens in features])
             loss = F.cross_entropy(head(pooled), torch.as_tensor(images.labels[picked]))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.detach().item())
+            _step(loss, optimizer, scheduler, parameters, losses)
             advance(loss=f"{np.mean(losses[-20:]):.3f}")
     return losses
 
@@ -133,12 +138,7 @@ def pretrain_base(
             picked = rng.integers(len(examples), size=cfg.batch_size)
             batch = batcher.for_training(queries([examples[i] for i in picked], images, rng))
             loss = model(**batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.detach().item())
+            _step(loss, optimizer, scheduler, model.parameters(), losses)
             advance(loss=f"{np.mean(losses[-20:]):.3f}")
     model.eval()
     return losses
@@ -207,12 +207,7 @@ def pretrain_audio_encoder(cfg: AudioEncoderConfig, clips: DigitClips, seed: int
         for _ in range(train.steps):
             picked = torch.as_tensor(rng.integers(len(labels), size=train.batch_size))
             loss = F.cross_entropy(classifier(mel[picked], mask[picked]), labels[picked])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.detach().item())
+            _step(loss, optimizer, scheduler, classifier.parameters(), losses)
             advance(loss=f"{np.mean(losses[-20:]):.3f}")
     # whisper.load_model reads {"dims", "model_state_dict"}; the head is not part of it.
     torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": whisper_model.state_dict()}, out_path)
