@@ -20,7 +20,8 @@ optimizer.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import contextlib
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -146,28 +147,20 @@ class NullSpaceProjector:
     def active(self) -> bool:
         return bool(self.bases)
 
-    def collecting(self, examples: int, token_mask: Optional[torch.Tensor] = None):
-        """Context manager: record the inputs of the protected layers during one forward.
+    @contextlib.contextmanager
+    def collecting(self, examples: int, token_mask: Optional[torch.Tensor] = None) -> Iterator[None]:
+        """Record the inputs of the protected layers during one forward; ``examples`` count once it ends.
 
         ``token_mask`` (rows, L), when given, keeps only real tokens (padding is not an input
         the base will ever be judged on).
         """
-        projector = self
-
-        class _Collect:
-            def __enter__(self_inner):
-                self_inner.handles = [layer.register_forward_pre_hook(projector._hook(name, token_mask))
-                                      for name, layer in projector.layers.items()]
-                return self_inner
-
-            def __exit__(self_inner, *exc):
-                for handle in self_inner.handles:
-                    handle.remove()
-                if exc[0] is None:
-                    projector.samples += examples
-                return False
-
-        return _Collect()
+        handles = [layer.register_forward_pre_hook(self._hook(name, token_mask)) for name, layer in self.layers.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.samples += examples  # not reached when the forward raised
 
     def _hook(self, name: str, token_mask: Optional[torch.Tensor]):
         def hook(module, args):

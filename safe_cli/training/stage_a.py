@@ -20,6 +20,7 @@ The recipe, top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import signal
@@ -312,10 +313,9 @@ class StageATrainer:
         audio, budget = batch.pop("audio"), batch.pop("token_budget")
         with torch.no_grad():
             teacher = self.model.base(**batch).logits  # the base itself: same tokens, no audio
-        if self.null_space is not None:
-            with self.null_space.collecting(len(chosen), batch["attention_mask"]):
-                student = self.model(**batch, token_budget=budget, audio=audio).logits
-        else:
+        collect = (self.null_space.collecting(len(chosen), batch["attention_mask"]) if self.null_space is not None
+                   else contextlib.nullcontext())
+        with collect:  # the null space learns its protected inputs from the student's own forward
             student = self.model(**batch, token_budget=budget, audio=audio).logits
         kl = distillation_kl(student, teacher, labels, self.profile.retention.temperature)
         return kl, float(kl.detach())
