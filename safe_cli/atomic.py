@@ -8,10 +8,11 @@ power cut. A reader, or a run killed at any moment, sees the old file or the new
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 TEMP_SUFFIX = ".tmp"
 
@@ -65,3 +66,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented, key-sorted JSON, written atomically."""
+    atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")

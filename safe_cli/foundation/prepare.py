@@ -21,6 +21,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ..atomic import write_json
 from ..config.schema import Profile
 from ..data import avdigits
 from ..data.avdigits import DigitClips, DigitImages
@@ -116,7 +117,7 @@ def prepare_base(profile: Profile) -> tuple[Path, bool]:
                                         profile.base.pretrain, profile.base.seed)
         model.save_pretrained(directory)
         processor.save_pretrained(directory)
-        _write_json(directory / "pretraining.json", {
+        write_json(directory / "pretraining.json", {
             "wall_seconds": time.perf_counter() - started, "final_loss": float(np.mean(losses[-50:])),
             "vision_final_loss": float(np.mean(vision_losses[-50:])), "examples": len(examples),
         })
@@ -153,7 +154,7 @@ def prepare_audio_encoder(profile: Profile) -> tuple[Path, bool]:
         started = time.perf_counter()
         clips = load_sources(profile, "train").clips
         losses = pretrain.pretrain_audio_encoder(profile.audio_encoder, clips, profile.seed, directory / WHISPER_FILE)
-        _write_json(directory / "pretraining.json", {
+        write_json(directory / "pretraining.json", {
             "wall_seconds": time.perf_counter() - started, "final_loss": float(np.mean(losses[-50:])),
             "clips": len(clips.labels),
         })
@@ -249,7 +250,3 @@ def prepare(profile: Profile, device: Union[str, torch.device] = "cpu") -> Prepa
     probe = audio_probe_accuracy(encoder, profile)
     timings["audio_probe"] = time.perf_counter() - started
     return PrepareReport(base_path, audio_path, base_built, audio_built, accuracy, probe, pretraining, timings)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..data.avdigits import DigitImages, Example
-from ..data.batches import PromptBatcher, Query
+from ..data.batches import PromptBatcher, Query, generate_answers
+from ..foundation.pretrain import queries
 
 
 @dataclass
@@ -30,8 +31,7 @@ class ExamplePool:
         return len(self.examples)
 
     def queries(self, chosen: Sequence[Example], with_answers: bool) -> list[Query]:
-        return [Query(e.question, None if e.image is None else self.images.images[e.image],
-                      e.answer if with_answers else None) for e in chosen]
+        return queries(chosen, self.images, with_answers=with_answers)
 
     def audio(self, chosen: Sequence[Example]) -> list[Optional[np.ndarray]]:
         return [None if e.clip is None else self.waves[e.clip] for e in chosen]
@@ -51,16 +51,9 @@ def draw_budgets(rng: np.random.Generator, positive_budgets: Sequence[int], chos
     return [int(rng.choice(positive_budgets)) if e.clip is not None else 0 for e in chosen]
 
 
-@torch.no_grad()
 def generate_safe_answers(model, batcher: PromptBatcher, pool: ExamplePool, chosen: Sequence[Example],
                           budget: int, max_new_tokens: int = 4) -> list[str]:
     """Greedy answers of the SAFE model, each row with ``budget`` audio tokens if it has a clip."""
-    batch = batcher.for_generation(pool.queries(chosen, with_answers=False))
-    budgets = [budget if e.clip is not None else 0 for e in chosen]
-    tokenizer = batcher.tokenizer
-    output = model.generate(
-        **batch, token_budget=torch.as_tensor(budgets, device=batch["input_ids"].device),
-        audio=pool.audio(chosen), max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return batcher.decode(output[:, batch["input_ids"].shape[1]:])
+    budgets = torch.as_tensor([budget if e.clip is not None else 0 for e in chosen], device=batcher.device)
+    return generate_answers(model, batcher, pool.queries(chosen, with_answers=False), max_new_tokens,
+                            token_budget=budgets, audio=pool.audio(chosen))

@@ -50,10 +50,6 @@ def stage_dir(root: Path, stage: str) -> Path:
     return Path(root) / STAGE_FOLDERS[stage]
 
 
-def write_json(path: Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
-
-
 def _version(package: str) -> Optional[str]:
     try:
         return metadata.version(package)

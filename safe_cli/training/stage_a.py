@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import yaml
 
+from ..atomic import atomic_write_text, write_json
 from ..config.loader import dump_profile
 from ..config.schema import Profile, RetentionVariant
 from ..config.variants import resolve_variants
@@ -388,13 +389,13 @@ class StageATrainer:
     def run(self) -> StageAResult:
         self.build()
         directory = self.stage_dir
-        layout.atomic_write_text(directory / layout.PROFILE_FILE, dump_profile(self.profile))
-        layout.write_json(directory / layout.ENV_FILE, layout.environment(str(self.device)))
+        atomic_write_text(directory / layout.PROFILE_FILE, dump_profile(self.profile))
+        write_json(directory / layout.ENV_FILE, layout.environment(str(self.device)))
         fingerprint_file = directory / layout.FINGERPRINT_FILE
         if fingerprint_file.exists() and fingerprint_file.read_text().strip() != self.base_fingerprint:
             raise SafeError(f"{fingerprint_file}: this run was trained on base {fingerprint_file.read_text().strip()}, "
                             f"the profile's base is {self.base_fingerprint}")
-        layout.atomic_write_text(fingerprint_file, self.base_fingerprint + "\n")
+        atomic_write_text(fingerprint_file, self.base_fingerprint + "\n")
 
         start, skipped = self.restore() if self.resume else (0, 0)
         resumed_from = start if self.resume and start > 0 else None
@@ -462,8 +463,8 @@ class StageATrainer:
             peak_memory_mb=peak_memory_mb(self.device), base_fingerprint=self.base_fingerprint,
             base_unchanged=unchanged, tasks=tasks, audio_digit_by_budget=by_budget,
         )
-        layout.write_json(directory / layout.SUMMARY_FILE, result.summary())
-        layout.write_json(directory / "eval_examples.json", [t.to_dict() for t in tasks])
+        write_json(directory / layout.SUMMARY_FILE, result.summary())
+        write_json(directory / "eval_examples.json", [t.to_dict() for t in tasks])
         if not unchanged:
             raise RunFailed(f"the base's fingerprint changed during training ({self.base_fingerprint} -> "
                             f"{self.model.base_fingerprint()}): a frozen weight was modified")
