@@ -8,6 +8,7 @@ from .. import __version__
 from .common import State
 from .check import check
 from .encode_audio import encode_audio
+from .eval_retention import eval_retention
 from .prepare import prepare
 from .train import train
 from .validate import validate
@@ -15,7 +16,7 @@ from .validate import validate
 app = typer.Typer(
     name="safe",
     help="SAFE: add audio understanding to a frozen vision-language model without regressing it.\n\n"
-    "Examples:\n\n    safe validate demo\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe check --profile demo",
+    "Examples:\n\n    safe validate demo\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe eval-retention runs/demo/soft_retention/seed-0\n\n    safe check --profile demo",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -42,6 +43,7 @@ app.command("check")(check)
 app.command("prepare")(prepare)
 app.command("train")(train)
 app.command("encode-audio")(encode_audio)
+app.command("eval-retention")(eval_retention)
 
 
 def main() -> None:

@@ -170,12 +170,15 @@ def load_prepared_audio_encoder(profile: Profile, device: Union[str, torch.devic
     """The profile's frozen audio encoder; the built-in tiny-whisper pretrained (cached) first."""
     if profile.audio_encoder.kind == "tiny-whisper":
         path, _ = prepare_audio_encoder(profile)
-        return WhisperEncoder.load(str(path), device)
+        return WhisperEncoder.load(str(path), device, profile.audio_encoder.whisper.trim_to_clip)
     return load_audio_encoder(profile.audio_encoder, device, profile.seed)
 
 
 def load_prepared_models(profile: Profile, device: Union[str, torch.device] = "cpu") -> tuple[BaseVLModel, AudioEncoder]:
     """The profile's frozen base and audio encoder, with the built-in tiny ones pretrained (cached)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what happens; HF's per-shard bars are noise
     if profile.base.kind == "tiny-llava":
         directory, _ = prepare_base(profile)
         base = load_base_from_directory("tiny-llava", directory, profile.base.dtype, device)

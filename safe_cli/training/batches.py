@@ -14,9 +14,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..config.schema import Profile
+from ..data import avdigits
 from ..data.avdigits import DigitImages, Example
 from ..data.batches import PromptBatcher, Query, generate_answers
-from ..foundation.pretrain import queries
+from ..foundation.prepare import load_sources
+from ..foundation.pretrain import clips_at, queries
 
 
 @dataclass
@@ -35,6 +38,15 @@ class ExamplePool:
 
     def audio(self, chosen: Sequence[Example]) -> list[Optional[np.ndarray]]:
         return [None if e.clip is None else self.waves[e.clip] for e in chosen]
+
+
+def avdigits_pool(profile: Profile, split: str, sample_rate: int, retention: bool = True) -> ExamplePool:
+    """The profile's AV-digits split: every task, plus VL/text questions with a distractor clip."""
+    sources = load_sources(profile, split)
+    per_task = profile.data.num_eval if split == "test" else profile.data.num_train
+    examples = avdigits.make_examples(sources.images, sources.clips, per_task, profile.seed, split,
+                                      retention=retention)
+    return ExamplePool(examples, sources.images, clips_at(sources.clips, sample_rate))
 
 
 def training_batch(batcher: PromptBatcher, pool: ExamplePool, chosen: Sequence[Example],

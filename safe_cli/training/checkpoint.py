@@ -104,3 +104,18 @@ def check_fingerprint(checkpoint: Checkpoint, base_fingerprint: str) -> None:
             f"{checkpoint.path}: this checkpoint was trained on base {saved}, but the profile's base is "
             f"{base_fingerprint}; load it with the base it was trained on (base.* in the profile)"
         )
+
+
+def load_weights_into(parameters: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy saved trainable weights into the model's parameters; the names must match exactly."""
+    if set(weights) != set(parameters):
+        missing, extra = set(parameters) - set(weights), set(weights) - set(parameters)
+        raise SafeError(f"{source}: trainable weights do not match this model "
+                        f"(missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}); "
+                        "was it trained with other projector/fusion settings?")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if parameters[name].shape != tensor.shape:
+                raise SafeError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model's is "
+                                f"{tuple(parameters[name].shape)}")
+            parameters[name].copy_(tensor)

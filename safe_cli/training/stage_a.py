@@ -38,18 +38,16 @@ from ..atomic import atomic_write_text, write_json
 from ..config.loader import dump_profile
 from ..config.schema import Profile, RetentionVariant
 from ..config.variants import resolve_variants
-from ..data import avdigits
 from ..data.batches import PromptBatcher
 from ..errors import RunFailed, SafeError
-from ..foundation.prepare import load_prepared_models, load_sources
-from ..foundation.pretrain import clips_at
+from ..evaluation.tasks import TaskResult, audio_accuracy_by_budget, evaluate
+from ..foundation.prepare import load_prepared_models
 from ..models.builder import build_trainable, resolve_device
 from ..models.safe_model import SAFEModel
 from ..progress import progress_bar
 from . import run_dir as layout
-from .batches import ExamplePool, draw_budgets, training_batch
-from .checkpoint import check_fingerprint, latest_checkpoint, save_checkpoint
-from .evaluate import TaskResult, audio_accuracy_by_budget, evaluate
+from .batches import ExamplePool, avdigits_pool, draw_budgets, training_batch
+from .checkpoint import check_fingerprint, latest_checkpoint, load_weights_into, save_checkpoint
 from .retention import FisherPenalty, NullSpaceProjector, distillation_kl, protected_linears
 from .schedule import warmup_cosine
 
@@ -199,9 +197,6 @@ class StageATrainer:
     # ------------------------------------------------------------------ building
 
     def build(self) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         profile = self.profile
         if profile.data.source not in ("synthetic", "fsdd-mnist"):
             raise SafeError(f"data.source: Stage A trains on AV-digits (synthetic or fsdd-mnist) for now; "
@@ -218,16 +213,11 @@ class StageATrainer:
                             f"({profile.projector.num_tokens})")
 
         rate = encoder.sample_rate
-        train, test = load_sources(profile, "train"), load_sources(profile, "test")
-        train_examples = avdigits.make_examples(train.images, train.clips, profile.data.num_train, profile.seed,
-                                                "train", retention=True)
-        train_waves = clips_at(train.clips, rate)
-        self.alignment = ExamplePool([e for e in train_examples if e.task.split("/")[0] in ALIGNMENT_KINDS],
-                                     train.images, train_waves)
-        self.retention_pool = ExamplePool([e for e in train_examples if e.is_retention], train.images, train_waves)
-        test_examples = avdigits.make_examples(test.images, test.clips, profile.data.num_eval, profile.seed,
-                                               "test", retention=True)
-        self.test_pool = ExamplePool(test_examples, test.images, clips_at(test.clips, rate))
+        train = avdigits_pool(profile, "train", rate)
+        self.alignment = ExamplePool([e for e in train.examples if e.task.split("/")[0] in ALIGNMENT_KINDS],
+                                     train.images, train.waves)
+        self.retention_pool = ExamplePool([e for e in train.examples if e.is_retention], train.images, train.waves)
+        self.test_pool = avdigits_pool(profile, "test", rate)
 
         trainable = dict(self.model.trainable_named_parameters())
         self.trainable = trainable
@@ -281,14 +271,7 @@ class StageATrainer:
         if checkpoint is None:
             return 0, 0
         check_fingerprint(checkpoint, self.base_fingerprint)
-        weights = checkpoint.weights(self.device)
-        if set(weights) != set(self.trainable):
-            missing, extra = set(self.trainable) - set(weights), set(weights) - set(self.trainable)
-            raise SafeError(f"{checkpoint.path}: trainable weights do not match this model "
-                            f"(missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]})")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                self.trainable[name].copy_(tensor)
+        load_weights_into(self.trainable, checkpoint.weights(self.device), checkpoint.path)
         state = checkpoint.state()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

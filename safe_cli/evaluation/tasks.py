@@ -16,7 +16,7 @@ import numpy as np
 from ..data.avdigits import Example
 from ..data.scoring import is_correct
 from ..progress import progress_bar
-from .batches import ExamplePool, generate_safe_answers
+from ..training.batches import ExamplePool, generate_safe_answers
 
 
 @dataclass

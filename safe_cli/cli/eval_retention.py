@@ -1,0 +1,133 @@
+"""`safe eval-retention`: did anything the base model already did get worse? A report and a CI gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from ..config import load_profile
+from .common import SetOption, console, err_console, handle_errors
+
+
+@handle_errors
+def eval_retention(
+    run: str = typer.Argument(..., metavar="RUN_OR_CKPT_DIR",
+                              help="A run folder (its latest stage), a stage folder (e.g. run/stage-a) or one "
+                              "checkpoint folder (run/stage-a/checkpoints/step-000200)."),
+    profile: Optional[str] = typer.Option(
+        None, "--profile", "-p", help="Profile to build the model and data from (default: the profile.yaml the "
+        "run saved). Its base must be the one the run was trained on."),
+    set_: Optional[List[str]] = SetOption,
+    data: Optional[List[str]] = typer.Option(
+        None, "--data", metavar="MANIFEST", help="Evaluate on this JSON/JSONL manifest instead of the profile's "
+        "test split (repeatable). VL and text questions are also asked with a distractor clip from the manifest."),
+    tolerance: Optional[float] = typer.Option(
+        None, "--tolerance", min=0.0, max=1.0,
+        help="Allowed accuracy drop as a fraction (0.005 = 0.5 points; default: evaluation.tolerance)."),
+    fail_on_regression: bool = typer.Option(
+        False, "--fail-on-regression", help="Exit 1 when any task regressed or the bypass is not bit-exact."),
+    out: Optional[str] = typer.Option(
+        None, "--out", help="Folder for report.json, report.md and the PNG plots (default: "
+        "<stage folder>/eval-retention, or .../eval-retention/step-N for a checkpoint)."),
+    max_examples: Optional[int] = typer.Option(
+        None, "--max-examples", min=1, help="At most N examples per task and audio condition "
+        "(default: evaluation.max_examples, else all)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: evaluation.batch_size."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples and of the distractor clips "
+                             "drawn for --data manifests."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: the profile's training.device)."),
+    json_output: bool = typer.Option(False, "--json", help="Print report.json's summary (no per-example answers)."),
+) -> None:
+    """Compare the frozen base and SAFE on the same examples, task by task, with paired statistics.
+
+    Every task of the profile's test split (or of the --data manifests) is answered by the base
+    (never hearing audio) and by SAFE (the example's clip at the largest token budget). VL and
+    text questions are asked without audio and with a distractor clip. Per task: n, both
+    accuracies, the delta, a 95% paired bootstrap interval, and McNemar's exact p-value.
+
+    Regression rule: a task regressed when delta < -tolerance AND McNemar's exact two-sided
+    p < evaluation.significance (default 0.05). A smaller drop is accepted; a larger one that
+    could be chance is shown with its interval but not called a regression.
+
+    Bypass check: every audio-free example is batched with a copy of itself that carries a clip;
+    the audio-free rows' logits must equal the base's own forward bit for bit (max |Δ logit| = 0).
+
+    Writes report.json (schema safe.retention-report/1), report.md, deltas.png and accuracy.png.
+
+    Exit codes: 0 done (with --fail-on-regression: no regression and an exact bypass); 1 a
+    regression or a non-exact bypass with --fail-on-regression; 2 bad input.
+
+    Examples:
+
+        safe eval-retention runs/demo/soft_retention/seed-0
+
+        safe eval-retention runs/avdigits/full_retention/seed-0/stage-a --fail-on-regression --out reports/full
+
+        safe eval-retention run/stage-a/checkpoints/step-000250 --data my_eval.jsonl --max-examples 200
+    """
+    from ..data.batches import PromptBatcher
+    from ..evaluation import data as eval_data
+    from ..evaluation.outputs import task_label, write_report
+    from ..evaluation.retention import build_report, summary_line
+    from ..evaluation.runs import load_trained_model, locate
+    from ..models.builder import resolve_device
+
+    trained = locate(run)
+    resolved = load_profile(profile or str(trained.profile_path), set_ or [])
+    evaluation = resolved.evaluation
+    tolerance = evaluation.tolerance if tolerance is None else tolerance
+    torch_device = resolve_device(device or resolved.training.device)
+    model = load_trained_model(trained, resolved, torch_device)
+    rate = model.audio_encoder.sample_rate
+    dataset = (eval_data.manifest_data(data, rate, seed) if data else eval_data.profile_data(resolved, rate))
+    if not dataset.pool.examples:
+        from ..errors import SafeError
+
+        raise SafeError(f"--data: no usable examples ({len(dataset.skipped)} unreadable file(s))")
+    budgets = [b for b in resolved.policy.token_budgets if b > 0]
+    context = {
+        "profile": resolved.name, "variant": trained.variant, "seed": trained.seed, "stage": trained.stage,
+        "weights": str(trained.weights_path), "step": trained.step, "base_fingerprint": model.base_fingerprint(),
+        "data": dataset.description, "skipped": dataset.skipped,
+    }
+    report = build_report(
+        model, PromptBatcher(model.base), dataset.pool, budget=max(budgets), max_budget=max(budgets),
+        tolerance=tolerance, significance=evaluation.significance, bootstrap_samples=evaluation.bootstrap_samples,
+        batch_size=batch_size or evaluation.batch_size, max_examples=max_examples or evaluation.max_examples,
+        seed=seed, context=context,
+    )
+    default_out = trained.stage_dir / "eval-retention"
+    if trained.step is not None:
+        default_out = default_out / f"step-{trained.step:06d}"
+    paths = write_report(report, Path(out) if out else default_out)
+
+    if json_output:
+        print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1, sort_keys=True))
+    else:
+        table = Table(title=f"retention: {trained.variant or 'SAFE'} vs base; +clip = with a distractor clip",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("task", "n", "base", "SAFE", "Δ pt", "95% CI", "p", "reg"):
+            table.add_column(column, justify="left" if column == "task" else "right", no_wrap=True)
+        for row in report["tasks"]:
+            lo, hi = row["ci95"]
+            table.add_row(
+                task_label(row, " +clip"), str(row["n"]), f"{row['base_accuracy']:.1%}", f"{row['safe_accuracy']:.1%}",
+                f"{100 * row['delta']:+.1f}", "–" if lo is None else f"{100 * lo:+.1f},{100 * hi:+.1f}",
+                f"{row['p_value']:.2g}", "YES" if row["regressed"] else "",
+                style="bold red" if row["regressed"] else None,
+            )
+        console.print(table)
+        console.print(dataset.description)
+        console.print(Text(summary_line(report), style="green" if report["verdict"] == "pass" else "bold red"))
+        console.print(f"report: {paths['report.md']} (+ report.json, deltas.png, accuracy.png)")
+    if dataset.skipped:
+        err_console.print(f"skipped {len(dataset.skipped)} unreadable file(s); listed in report.json under 'skipped'")
+    if fail_on_regression and report["verdict"] != "pass":
+        err_console.print(Text(f"error: {summary_line(report)}", style="bold red"), highlight=False)
+        raise typer.Exit(1)

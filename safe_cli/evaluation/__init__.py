@@ -1,0 +1,1 @@
+"""Retention evaluation: paired base-vs-SAFE statistics, the bypass check, reports."""

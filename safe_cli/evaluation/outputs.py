@@ -1,0 +1,144 @@
+"""The retention report on disk: report.json, report.md and PNG plots.
+
+Plots (matplotlib, Agg backend: no display needed on a cluster node):
+
+    deltas.png    per task, SAFE minus base accuracy in points with its 95% paired bootstrap
+                  interval; the tolerance band shaded; regressed tasks in red
+    accuracy.png  base and SAFE accuracy side by side per task
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write, atomic_write_text, write_json
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+DELTAS_PNG = "deltas.png"
+ACCURACY_PNG = "accuracy.png"
+
+KIND_COLOURS = {"vl": "#1f77b4", "text": "#2ca02c", "audio": "#9467bd", "av": "#ff7f0e"}
+REGRESSED = "#d62728"
+
+
+def task_label(row: dict[str, Any], distractor: str = " + distractor") -> str:
+    """vl/digit, vl/digit + distractor, audio/digit: the clip's role in the question."""
+    if row["kind"] in ("vl", "text") and row["with_audio"]:
+        return row["task"] + distractor
+    return row["task"]
+
+
+def _points(value) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}"
+
+
+def _ci(row: dict[str, Any]) -> str:
+    lo, hi = row["ci95"]
+    return "–" if lo is None else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    bypass = report["bypass"]
+    lines = [
+        f"# Retention report: {report.get('variant') or 'SAFE'} ({report.get('profile', '')})",
+        "",
+        f"**Verdict: {report['verdict']}**"
+        + (f" (regressed: {', '.join(report['regressions'])})" if report["regressions"] else ""),
+        "",
+        f"- Weights: `{report.get('weights', '')}`" + (f" (step {report['step']})" if report.get("step") else ""),
+        f"- Data: {report.get('data', '')}",
+        f"- Audio budget: {report['budget']} tokens for every example with a clip; base answers never hear audio",
+        f"- Rule: {report['rule']} (tolerance {100 * report['tolerance']:.1f} points, "
+        f"significance {report['significance']})",
+        f"- Bypass: {'bit-exact' if bypass['bit_exact'] else '**NOT bit-exact**'}, max |Δ logit| "
+        f"{bypass['max_abs_logit_diff']:.3g} over {bypass['n']} budget-0 rows ({bypass['source']})",
+        "",
+        "| task | n | base | SAFE | Δ (points) | 95% CI | McNemar p | regressed |",
+        "|---|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for row in report["tasks"]:
+        lines.append(
+            f"| {task_label(row)} | {row['n']} | {100 * row['base_accuracy']:.1f}% | {100 * row['safe_accuracy']:.1f}% "
+            f"| {_points(row['delta'])} | {_ci(row)} | {row['p_value']:.3g} | {'**yes**' if row['regressed'] else 'no'} |"
+        )
+    efficiency = report["efficiency"]
+    relative = efficiency["relative_audio_compute"]
+    lines += [
+        "",
+        f"Efficiency ({efficiency['policy']}): audio encoder on {100 * efficiency['audio_usage_rate']:.0f}% of "
+        f"examples with a clip, mean budget {efficiency['mean_token_budget']:.1f} tokens, relative audio compute "
+        f"{'–' if relative is None else f'{relative:.2f}'}.",
+    ]
+    if report.get("skipped"):
+        lines += ["", f"Skipped {len(report['skipped'])} unreadable file(s):", ""]
+        lines += [f"- `{entry['file']}`: {entry['reason']}" for entry in report["skipped"][:50]]
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+    plt.close(figure)
+
+
+def plot_deltas(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["tasks"]
+    labels = [task_label(r) for r in rows]
+    figure, axes = plt.subplots(figsize=(7.5, 0.42 * len(rows) + 1.4))
+    tolerance = 100 * report["tolerance"]
+    axes.axvspan(-tolerance, tolerance, color="#dddddd", zorder=0, label=f"±tolerance ({tolerance:.1f} pt)")
+    axes.axvline(0, color="black", linewidth=0.8)
+    for y, row in enumerate(rows):
+        colour = REGRESSED if row["regressed"] else KIND_COLOURS.get(row["kind"], "grey")
+        delta = 100 * row["delta"]
+        lo, hi = row["ci95"]
+        error = None if lo is None else [[delta - 100 * lo], [100 * hi - delta]]
+        axes.errorbar(delta, y, xerr=error, fmt="o", color=colour, capsize=3)
+    axes.set_yticks(range(len(rows)), labels)
+    axes.invert_yaxis()
+    axes.set_xlabel("SAFE − base accuracy (points), 95% paired bootstrap interval")
+    axes.set_title(f"{report.get('variant') or 'SAFE'}: verdict {report['verdict']}")
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=k) for k, c in KIND_COLOURS.items()]
+    handles.append(plt.Line2D([], [], marker="o", linestyle="", color=REGRESSED, label="regressed"))
+    axes.legend(handles=handles, loc="lower right", fontsize=8)
+    _save_figure(figure, path)
+
+
+def plot_accuracy(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = report["tasks"]
+    y = np.arange(len(rows))
+    figure, axes = plt.subplots(figsize=(7.5, 0.42 * len(rows) + 1.4))
+    axes.barh(y - 0.2, [100 * r["base_accuracy"] for r in rows], height=0.4, color="#999999", label="base")
+    axes.barh(y + 0.2, [100 * r["safe_accuracy"] for r in rows], height=0.4,
+              color=[REGRESSED if r["regressed"] else KIND_COLOURS.get(r["kind"], "grey") for r in rows], label="SAFE")
+    axes.set_yticks(y, [task_label(r) for r in rows])
+    axes.invert_yaxis()
+    axes.set_xlim(0, 100)
+    axes.set_xlabel("accuracy (%)")
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set_title("base (grey) vs SAFE per task")
+    _save_figure(figure, path)
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / name for name in (REPORT_JSON, REPORT_MD, DELTAS_PNG, ACCURACY_PNG)}
+    plot_deltas(report, paths[DELTAS_PNG])
+    plot_accuracy(report, paths[ACCURACY_PNG])
+    atomic_write_text(paths[REPORT_MD], markdown(report))
+    write_json(paths[REPORT_JSON], report)  # last: its presence means the report is complete
+    return paths

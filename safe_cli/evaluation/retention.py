@@ -1,0 +1,143 @@
+"""The retention report: per-task paired statistics, the bypass check, a verdict.
+
+Every example is answered by the frozen base (no audio) and by SAFE (the example's clip at the
+evaluation budget; rows without a clip get budget 0). SAFE on a row without a clip runs no
+audio path at all, so its answers there are the base's by construction; what could still go
+wrong is a *leak* from other rows of a batch, and that is what the bypass check measures: every
+audio-free example is batched together with a copy of itself that does carry a clip, and the
+budget-0 rows' logits must equal the base's own forward on the same batch, bit for bit.
+
+The report follows DESIGN.md section 4 (schema ``safe.retention-report/1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..models.bypass import check_bypass
+from ..models.probe import probe_audio
+from ..progress import progress_bar
+from ..training.batches import ExamplePool
+from .stats import REGRESSION_RULE, compare, is_regression
+from .tasks import TaskResult, evaluate
+
+SCHEMA = "safe.retention-report/1"
+
+
+@dataclass
+class BypassCheck:
+    bit_exact: bool
+    max_abs_logit_diff: float
+    n: int  # budget-0 rows checked
+    source: str = "examples"  # "probe": the data had no audio-free example, random inputs were used
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bit_exact": self.bit_exact, "max_abs_logit_diff": self.max_abs_logit_diff, "n": self.n,
+                "source": self.source}
+
+
+@torch.no_grad()
+def check_bypass_on_examples(model, batcher, pool: ExamplePool, budget: int, batch_size: int = 32,
+                             max_examples: Optional[int] = None, seed: int = 0) -> BypassCheck:
+    """Budget-0 rows of mixed batches against ``model.base`` on the same inputs, for real examples."""
+    groups: dict[str, list] = {}
+    for example in pool.examples:
+        if example.clip is None:
+            groups.setdefault(example.task, []).append(example)
+    free = [e for chosen in groups.values() for e in chosen[:max_examples]]  # the cap is per task, as in evaluate
+    if not free:  # e.g. a manifest of audio questions only: fall back to random probe inputs
+        probe = check_bypass(model, [0, budget] * max(1, batch_size // 2), seed=seed)
+        return BypassCheck(probe.bit_exact, probe.max_abs_logit_diff, probe.n_bypass_rows, "probe")
+    half = max(1, batch_size // 2)
+    chunks = [free[i: i + half] for i in range(0, len(free), half)]
+    sample_rate = model.audio_encoder.sample_rate
+    noise = probe_audio(sample_rate, 1, generator=torch.Generator().manual_seed(seed))[0]
+    exact, worst = True, 0.0
+    with progress_bar("bypass check", len(chunks)) as advance:
+        for start, chunk in enumerate(chunks):
+            queries = pool.queries(chunk, with_answers=False)
+            batch = batcher.for_generation(queries + queries)  # each question twice: without, then with audio
+            # The copies hear the pool's own clips when it has any (else a noise clip).
+            clips = [pool.waves[(start * half + i) % len(pool.waves)] if pool.waves else noise
+                     for i in range(len(chunk))]
+            budgets = torch.tensor([0] * len(chunk) + [budget] * len(chunk), device=batch["input_ids"].device)
+            reference = model.base(**batch).logits
+            fused = model(**batch, token_budget=budgets, audio=[None] * len(chunk) + clips).logits
+            for row in range(len(chunk)):
+                exact &= torch.equal(fused[row], reference[row])
+                worst = max(worst, float((fused[row].double() - reference[row].double()).abs().max()))
+            advance()
+    return BypassCheck(bool(exact), worst, len(free))
+
+
+def task_rows(results: list[TaskResult], tolerance: float, significance: float, bootstrap_samples: int,
+              seed: int = 0) -> list[dict[str, Any]]:
+    rows = []
+    for index, result in enumerate(results):
+        stat = compare(result.base_correct, result.safe_correct, bootstrap_samples, seed=seed + index)
+        rows.append({
+            "task": result.task, "kind": result.kind, "with_audio": result.with_audio, "n": stat.n,
+            "base_accuracy": stat.base_accuracy, "safe_accuracy": stat.safe_accuracy, "delta": stat.delta,
+            "ci95": list(stat.ci95), "p_value": stat.p_value,
+            "discordant": {"base_only": stat.base_only, "safe_only": stat.safe_only},
+            "regressed": is_regression(stat.delta, stat.p_value, tolerance, significance),
+        })
+    order = {"vl": 0, "text": 1, "audio": 2, "av": 3}
+    return sorted(rows, key=lambda r: (order.get(r["kind"], 9), r["task"], r["with_audio"]))
+
+
+def efficiency(pool: ExamplePool, budget: int, max_budget: int) -> dict[str, Any]:
+    """Audio compute of a fixed budget: every example with a clip runs the encoder at ``budget`` tokens.
+
+    Relative compute is normalised to always-max-budget, so a fixed maximum budget is 1.0 by
+    definition; learned policies (Stage B) report their own from the cost model.
+    """
+    with_clip = [e for e in pool.examples if e.clip is not None]
+    return {
+        "policy": f"always-{budget}",
+        "audio_usage_rate": 1.0 if with_clip and budget > 0 else 0.0,
+        "mean_token_budget": float(budget) if with_clip else 0.0,
+        "relative_audio_compute": 1.0 if budget == max_budget and with_clip else None,
+        "examples_with_audio": len(with_clip),
+    }
+
+
+def build_report(model, batcher, pool: ExamplePool, *, budget: int, max_budget: int, tolerance: float,
+                 significance: float, bootstrap_samples: int, batch_size: int, max_examples: Optional[int],
+                 seed: int = 0, context: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    results = evaluate(model, batcher, pool, budget, batch_size, max_examples, description="base vs SAFE")
+    tasks = task_rows(results, tolerance, significance, bootstrap_samples, seed)
+    bypass = check_bypass_on_examples(model, batcher, pool, budget, batch_size, max_examples, seed)
+    regressions = [f"{t['task']}{' +audio' if t['with_audio'] and t['kind'] in ('vl', 'text') else ''}"
+                   for t in tasks if t["regressed"]]
+    verdict = "pass" if not regressions and bypass.bit_exact else "regression"
+    return {
+        "schema": SCHEMA,
+        **(context or {}),
+        "tolerance": tolerance,
+        "significance": significance,
+        "rule": REGRESSION_RULE,
+        "verdict": verdict,
+        "regressions": regressions,
+        "budget": budget,
+        "tasks": tasks,
+        "bypass": bypass.to_dict(),
+        "efficiency": efficiency(pool, budget, max_budget),
+        "examples": [{"task": r.task, "with_audio": r.with_audio, "base_answers": r.base_answers,
+                      "safe_answers": r.safe_answers, "base_correct": r.base_correct,
+                      "safe_correct": r.safe_correct} for r in results],
+    }
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    bypass = report["bypass"]
+    parts = [f"verdict: {report['verdict']}"]
+    if report["regressions"]:
+        parts.append(f"regressed: {', '.join(report['regressions'])}")
+    parts.append(f"bypass {'bit-exact' if bypass['bit_exact'] else 'NOT bit-exact'} "
+                 f"(max |Δlogit| {bypass['max_abs_logit_diff']:.3g} over {bypass['n']} audio-free examples)")
+    return "; ".join(parts)
+
