@@ -26,3 +26,32 @@ def tiny_checkpoints(tmp_path_factory):
         "whisper": tiny_models.save_tiny_whisper(root / "whisper-tiny-test.pt"),
         "clap": tiny_models.save_tiny_clap(root / "clap"),
     }
+
+
+# Seconds, not minutes: a few pretraining steps and a few Stage A steps (the notes report accuracy).
+FAST = [
+    "base.vision_pretrain.steps=3", "base.pretrain.steps=3", "base.pretrain.batch_size=4",
+    "audio_encoder.tiny_pretrain.steps=3", "audio_encoder.tiny_pretrain.batch_size=4",
+    "data.num_train=8", "data.num_eval=2",
+    "training.stage_a.steps=4", "training.stage_a.batch_size=4", "training.stage_a.checkpoint_every=2",
+    "training.stage_a.log_every=2", "training.stage_a.retention_every=1", "retention.fisher_samples=4",
+    # Null space active within the few steps, refreshed after the first.
+    "retention.variants.nullspace_retention.null_space_min_samples=4",
+    "retention.variants.nullspace_retention.null_space_refresh_interval=2",
+    "retention.variants.full_retention.null_space_min_samples=4",
+    "retention.variants.full_retention.null_space_refresh_interval=2",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One foundation cache for the module: the tiny pretraining runs once."""
+    path = tmp_path_factory.mktemp("cache")
+    old = {k: os.environ.get(k) for k in ("SAFE_CACHE_DIR", "SAFE_NO_PROGRESS")}
+    os.environ.update(SAFE_CACHE_DIR=str(path), SAFE_NO_PROGRESS="1")
+    yield path
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

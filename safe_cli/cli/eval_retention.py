@@ -73,8 +73,8 @@ def eval_retention(
     """
     from ..data.batches import PromptBatcher
     from ..evaluation import data as eval_data
-    from ..evaluation.outputs import task_label, write_report
-    from ..evaluation.retention import build_report, summary_line
+    from ..evaluation.outputs import write_report
+    from ..evaluation.retention import build_report, summary_line, task_label
     from ..evaluation.runs import load_trained_model, locate
     from ..models.builder import resolve_device
 

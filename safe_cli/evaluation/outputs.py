@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write, atomic_write_text, write_json
+from .retention import task_label
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -21,13 +22,6 @@ ACCURACY_PNG = "accuracy.png"
 
 KIND_COLOURS = {"vl": "#1f77b4", "text": "#2ca02c", "audio": "#9467bd", "av": "#ff7f0e"}
 REGRESSED = "#d62728"
-
-
-def task_label(row: dict[str, Any], distractor: str = " + distractor") -> str:
-    """vl/digit, vl/digit + distractor, audio/digit: the clip's role in the question."""
-    if row["kind"] in ("vl", "text") and row["with_audio"]:
-        return row["task"] + distractor
-    return row["task"]
 
 
 def _points(value) -> str:

@@ -73,6 +73,13 @@ def check_bypass_on_examples(model, batcher, pool: ExamplePool, budget: int, bat
     return BypassCheck(bool(exact), worst, len(free))
 
 
+def task_label(row: dict[str, Any], distractor: str = " + distractor") -> str:
+    """vl/digit, vl/digit + distractor, audio/digit: the clip's role in the question."""
+    if row["kind"] in ("vl", "text") and row["with_audio"]:
+        return row["task"] + distractor
+    return row["task"]
+
+
 def task_rows(results: list[TaskResult], tolerance: float, significance: float, bootstrap_samples: int,
               seed: int = 0) -> list[dict[str, Any]]:
     rows = []
@@ -111,8 +118,7 @@ def build_report(model, batcher, pool: ExamplePool, *, budget: int, max_budget: 
     results = evaluate(model, batcher, pool, budget, batch_size, max_examples, description="base vs SAFE")
     tasks = task_rows(results, tolerance, significance, bootstrap_samples, seed)
     bypass = check_bypass_on_examples(model, batcher, pool, budget, batch_size, max_examples, seed)
-    regressions = [f"{t['task']}{' +audio' if t['with_audio'] and t['kind'] in ('vl', 'text') else ''}"
-                   for t in tasks if t["regressed"]]
+    regressions = [task_label(t) for t in tasks if t["regressed"]]
     verdict = "pass" if not regressions and bypass.bit_exact else "regression"
     return {
         "schema": SCHEMA,
