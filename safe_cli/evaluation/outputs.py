@@ -118,7 +118,8 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7.5, 0.42 * len(rows) + 1.4))
     axes.barh(y - 0.2, [100 * r["base_accuracy"] for r in rows], height=0.4, color="#999999", label="base")
     axes.barh(y + 0.2, [100 * r["safe_accuracy"] for r in rows], height=0.4,
-              color=[REGRESSED if r["regressed"] else KIND_COLOURS.get(r["kind"], "grey") for r in rows], label="SAFE")
+              color=[REGRESSED if r["regressed"] else KIND_COLOURS.get(r["kind"], "grey") for r in rows],
+              label="SAFE (colour: task kind; red: regressed)")
     axes.set_yticks(y, [task_label(r) for r in rows])
     axes.invert_yaxis()
     axes.set_xlim(0, 100)
