@@ -85,7 +85,10 @@ def eval_retention(
     torch_device = resolve_device(device or resolved.training.device)
     model = load_trained_model(trained, resolved, torch_device)
     rate = model.audio_encoder.sample_rate
-    dataset = (eval_data.manifest_data(data, rate, seed) if data else eval_data.profile_data(resolved, rate))
+    if data:
+        dataset = eval_data.manifest_data(data, rate, seed)
+    else:
+        dataset = eval_data.profile_data(resolved, rate, model.audio_encoder)
     if not dataset.pool.examples:
         from ..errors import SafeError
 

@@ -242,6 +242,11 @@ class DataConfig(Section):
     num_eval: int = Field(200, ge=1, description="Evaluation examples generated per question family.")
     sample_rate: int = Field(16000, ge=1000, description="Audio is resampled to this rate before encoding.")
     max_audio_seconds: float = Field(30.0, gt=0, description="Longer clips are cut to this length.")
+    audio_features: Optional[str] = Field(
+        None, description="A feature cache made by `safe encode-audio` with this profile's encoder: training and "
+        "evaluation read each clip's features from it (found by the file's content hash) instead of running the "
+        "encoder. Every clip the examples use must be in it (fsdd-mnist; the synthetic source has no files).",
+    )
 
 
 # --------------------------------------------------------------------------- training

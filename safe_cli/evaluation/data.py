@@ -31,13 +31,13 @@ class EvalData:
     skipped: list[dict] = field(default_factory=list)  # {"id", "file", "reason"} per unusable record
 
 
-def profile_data(profile: Profile, sample_rate: int) -> EvalData:
+def profile_data(profile: Profile, sample_rate: int, encoder=None) -> EvalData:
     source = profile.data.source
     if source not in ("synthetic", "fsdd-mnist"):
         from ..errors import SafeError
 
         raise SafeError(f"data.source: {source!r} has no built-in test split; pass the evaluation data with --data")
-    pool = avdigits_pool(profile, "test", sample_rate)
+    pool = avdigits_pool(profile, "test", sample_rate, encoder=encoder)
     return EvalData(pool, f"AV-digits ({source}) test split")
 
 

@@ -18,6 +18,7 @@ from ..config.schema import Profile
 from ..data import avdigits
 from ..data.avdigits import DigitImages, Example
 from ..data.batches import PromptBatcher, Query, generate_answers
+from ..features.lookup import cached_clip_features, stack_features
 from ..foundation.prepare import load_sources
 from ..foundation.pretrain import clips_at, queries
 
@@ -29,6 +30,8 @@ class ExamplePool:
     examples: list[Example]
     images: DigitImages
     waves: list[np.ndarray]
+    features: Optional[dict[int, torch.Tensor]] = None  # cached encoder features by clip index
+
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -39,21 +42,37 @@ class ExamplePool:
     def audio(self, chosen: Sequence[Example]) -> list[Optional[np.ndarray]]:
         return [None if e.clip is None else self.waves[e.clip] for e in chosen]
 
+    def audio_inputs(self, chosen: Sequence[Example], device: Optional[torch.device] = None) -> dict:
+        """SAFEModel's audio arguments: cached features when the pool has them, else the waveforms."""
+        if self.features is None:
+            return {"audio": self.audio(chosen)}
+        inputs = stack_features([None if e.clip is None else self.features[e.clip] for e in chosen])
+        return {key: value.to(device) for key, value in inputs.items()} if device is not None else inputs
 
-def avdigits_pool(profile: Profile, split: str, sample_rate: int, retention: bool = True) -> ExamplePool:
-    """The profile's AV-digits split: every task, plus VL/text questions with a distractor clip."""
+
+def avdigits_pool(profile: Profile, split: str, sample_rate: int, retention: bool = True,
+                  encoder=None) -> ExamplePool:
+    """The profile's AV-digits split: every task, plus VL/text questions with a distractor clip.
+
+    With ``data.audio_features`` set (and the encoder given) the used clips' features come from
+    that cache, so training and evaluation never run the encoder.
+    """
     sources = load_sources(profile, split)
     per_task = profile.data.num_eval if split == "test" else profile.data.num_train
     examples = avdigits.make_examples(sources.images, sources.clips, per_task, profile.seed, split,
                                       retention=retention)
-    return ExamplePool(examples, sources.images, clips_at(sources.clips, sample_rate))
+    features = None
+    if profile.data.audio_features and encoder is not None:
+        used = {e.clip for e in examples if e.clip is not None}
+        features = cached_clip_features(sources.clips.paths, used, profile.data.audio_features, encoder)
+    return ExamplePool(examples, sources.images, clips_at(sources.clips, sample_rate), features)
 
 
 def training_batch(batcher: PromptBatcher, pool: ExamplePool, chosen: Sequence[Example],
                    budgets: Sequence[int]) -> dict:
     """Inputs with ``labels`` on the answer tokens, the clips and a budget per row."""
     batch = batcher.for_training(pool.queries(chosen, with_answers=True))
-    batch["audio"] = pool.audio(chosen)
+    batch.update(pool.audio_inputs(chosen, batch["input_ids"].device))
     batch["token_budget"] = torch.as_tensor(list(budgets), dtype=torch.long, device=batch["input_ids"].device)
     return batch
 
@@ -68,4 +87,4 @@ def generate_safe_answers(model, batcher: PromptBatcher, pool: ExamplePool, chos
     """Greedy answers of the SAFE model, each row with ``budget`` audio tokens if it has a clip."""
     budgets = torch.as_tensor([budget if e.clip is not None else 0 for e in chosen], device=batcher.device)
     return generate_answers(model, batcher, pool.queries(chosen, with_answers=False), max_new_tokens,
-                            token_budget=budgets, audio=pool.audio(chosen))
+                            token_budget=budgets, **pool.audio_inputs(chosen, batcher.device))

@@ -26,7 +26,7 @@ import resource
 import signal
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -52,6 +52,7 @@ from .retention import FisherPenalty, NullSpaceProjector, distillation_kl, prote
 from .schedule import warmup_cosine
 
 ALIGNMENT_KINDS = ("audio", "av")
+AUDIO_INPUTS = ("audio", "audio_features", "audio_frame_mask")
 RETENTION_KINDS = ("vl", "text")
 
 
@@ -213,11 +214,11 @@ class StageATrainer:
                             f"({profile.projector.num_tokens})")
 
         rate = encoder.sample_rate
-        train = avdigits_pool(profile, "train", rate)
-        self.alignment = ExamplePool([e for e in train.examples if e.task.split("/")[0] in ALIGNMENT_KINDS],
-                                     train.images, train.waves)
-        self.retention_pool = ExamplePool([e for e in train.examples if e.is_retention], train.images, train.waves)
-        self.test_pool = avdigits_pool(profile, "test", rate)
+        train = avdigits_pool(profile, "train", rate, encoder=encoder)
+        # Two views of one split: they share its images, clips and cached features.
+        self.alignment = replace(train, examples=[e for e in train.examples if e.task.split("/")[0] in ALIGNMENT_KINDS])
+        self.retention_pool = replace(train, examples=[e for e in train.examples if e.is_retention])
+        self.test_pool = avdigits_pool(profile, "test", rate, encoder=encoder)
 
         trainable = dict(self.model.trainable_named_parameters())
         self.trainable = trainable
@@ -294,13 +295,14 @@ class StageATrainer:
         chosen, budgets = self._pick(self.retention_pool, rng)
         batch = training_batch(self.batcher, self.retention_pool, chosen, budgets)
         labels = batch.pop("labels")
-        audio, budget = batch.pop("audio"), batch.pop("token_budget")
+        audio = {key: batch.pop(key) for key in AUDIO_INPUTS if key in batch}
+        budget = batch.pop("token_budget")
         with torch.no_grad():
             teacher = self.model.base(**batch).logits  # the base itself: same tokens, no audio
         collect = (self.null_space.collecting(len(chosen), batch["attention_mask"]) if self.null_space is not None
                    else contextlib.nullcontext())
         with collect:  # the null space learns its protected inputs from the student's own forward
-            student = self.model(**batch, token_budget=budget, audio=audio).logits
+            student = self.model(**batch, token_budget=budget, **audio).logits
         kl = distillation_kl(student, teacher, labels, self.profile.retention.temperature)
         return kl, float(kl.detach())
 

@@ -1,0 +1,67 @@
+"""Clip features from a cache made by ``safe encode-audio``, for training and evaluation.
+
+A profile points at the cache with ``data.audio_features``. Clips are found by the content
+hash of their file and the fingerprint of the profile's encoder, exactly as encode-audio keyed
+them, so a renamed file still hits and a retrained encoder never reads stale features. Only
+the clips the examples use are looked up; a missing one is an error that says how to fill the
+cache, never a silent fallback (results would change speed, and a user would not know why).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from ..errors import SafeError
+from .cache import FeatureCache, content_hash
+from .encode import encoder_fingerprint
+
+KEY = "data.audio_features"
+
+
+def cached_clip_features(paths: Optional[Sequence[str]], needed: Iterable[int], cache_dir: str,
+                         encoder) -> dict[int, torch.Tensor]:
+    """``{clip index: (T, D) features}`` for every needed clip, read from the cache."""
+    directory = Path(cache_dir).expanduser()
+    if not (directory / "index.json").is_file() and not any(directory.glob("*.safetensors")):
+        raise SafeError(f"{KEY}: {directory} is not a feature cache (no index.json or shards); "
+                        "create it with `safe encode-audio --input AUDIO_DIR --output CACHE --profile P`")
+    needed = sorted(set(needed))
+    if paths is None:
+        raise SafeError(f"{KEY}: this data source's clips have no files to look up (the synthetic source "
+                        "makes its clips in memory); use source fsdd-mnist or a manifest, or unset it")
+    cache = FeatureCache(directory)
+    fingerprint = encoder_fingerprint(encoder)
+    features, missing = {}, []
+    for index in needed:
+        tensor = cache.lookup(content_hash(paths[index]), fingerprint)
+        if tensor is None:
+            missing.append(paths[index])
+        else:
+            features[index] = tensor
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise SafeError(f"{KEY}: {len(missing)} of {len(needed)} clips are not in {directory} for this encoder "
+                        f"({fingerprint[:60]}...): {shown}; run `safe encode-audio --input <their folder> "
+                        f"--output {directory} --profile <this profile>` first")
+    return features
+
+
+def stack_features(rows: Sequence[Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """SAFEModel inputs for one batch: ``audio_features`` (B, T, D), zeros for rows without a clip,
+    and ``audio_frame_mask`` when clips have different lengths (trimmed encoders)."""
+    present = [row for row in rows if row is not None]
+    if not present:
+        return {}  # no row hears audio: every budget is 0 and the model never looks
+    length = max(row.shape[0] for row in present)
+    out = present[0].new_zeros((len(rows), length, present[0].shape[-1]))
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        if row is not None:
+            out[i, : row.shape[0]] = row
+            mask[i, : row.shape[0]] = True
+    if all(row.shape[0] == length for row in present):
+        return {"audio_features": out}
+    return {"audio_features": out, "audio_frame_mask": mask}
