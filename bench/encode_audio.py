@@ -1,6 +1,6 @@
-"""openai-whisper's own per-file loop vs `safe encode-audio`, same encoder and clips, one run.
+"""openai-whisper's own per-file loop vs `safe encode-audio`, faithful and trimmed, same encoder and clips, one run.
 
-    python bench/encode_audio.py [--clips 120] [--dims tiny] [--batch-size 16] [--workers 0] [--out FILE]
+    python bench/encode_audio.py [--clips 120] [--dims tiny] [--checkpoint PT] [--batch-size 16] [--workers 0] [--out FILE]
 
 The encoder is a whisper-architecture model with whisper's real 30 s window (1500 positions)
 and the dimensions of a named whisper size (`tiny`: 384 wide, 4 layers), randomly initialised
@@ -9,11 +9,19 @@ a whisper `.pt` and loaded with `whisper.load_model` by both paths:
 
 * naive: for each file `whisper.load_audio` (an ffmpeg process), `pad_or_trim`,
   `log_mel_spectrogram`, the encoder on that one clip;
-* ours: `safe_cli.features.encode.encode_audio` into an empty cache (hashing, soundfile
-  decoding, batched log-mel and encoder, shard writing included).
+* faithful: `safe_cli.features.encode.encode_audio` into an empty cache (hashing, soundfile
+  decoding, batched log-mel and encoder, shard writing included), every clip padded to 30 s;
+* trimmed: the same with `trim_to_clip` (`safe encode-audio --trim`): each clip encoded over
+  its own length rounded up to whole seconds, into a second empty cache.
 
-Clips are FSDD recordings from $SAFE_DATA_ROOT or ../shared/data. Prints clips/s of both, their
-ratio and the largest feature difference, and writes them as JSON.
+`--checkpoint` uses a given whisper `.pt` instead (e.g. the pretrained tiny-whisper that `safe
+prepare` caches, whose window is 2.4 s), to see the feature difference of trained weights.
+
+Clips are FSDD recordings from $SAFE_DATA_ROOT or ../shared/data. Prints clips/s of the three,
+the ratios to the naive loop, the faithful path's largest difference from whisper's, and the
+trimmed features' difference from the faithful ones over each clip's own frames (max and mean
+absolute difference; cosine similarity of the clip's mean-pooled features, next to the cosine
+between mean-pooled features of different clips for scale), and writes them as JSON.
 """
 
 from __future__ import annotations
@@ -53,23 +61,47 @@ def save_encoder(path: Path, size: str) -> None:
 
 
 @torch.no_grad()
-def naive(model, files: list[str], load=None) -> tuple[float, dict[str, torch.Tensor]]:
-    """whisper's per-file path; ``load`` replaces ``whisper.load_audio`` (to isolate decoding)."""
+def naive(model, files: list[str], load=None, pad=None) -> tuple[float, dict[str, torch.Tensor]]:
+    """whisper's per-file path; ``load`` replaces ``whisper.load_audio`` (to isolate decoding),
+    ``pad`` the 30 s window (for a checkpoint with a shorter one)."""
     import whisper
 
     started = time.perf_counter()
     out = {}
     for path in files:
-        audio = whisper.pad_or_trim(torch.as_tensor(load(path)) if load else whisper.load_audio(path))
+        audio = torch.as_tensor(load(path)) if load else whisper.load_audio(path)
+        audio = whisper.pad_or_trim(audio) if pad is None else whisper.pad_or_trim(audio, pad)
         mel = whisper.log_mel_spectrogram(audio)
         out[path] = model.encoder(mel[None])[0]
     return time.perf_counter() - started, out
+
+
+def trim_difference(files: list[str], faithful: dict, trimmed: dict, frames: list[int]) -> dict[str, float]:
+    """Trimmed vs faithful features over each clip's own frames (its first ``frames`` rows)."""
+    diffs, values, pooled_f, pooled_t = [], [], [], []
+    for path, n in zip(files, frames):
+        f, t = faithful[path][:n].double(), trimmed[path][:n].double()
+        diffs.append((f - t).abs().flatten())
+        values.append(f.abs().flatten())
+        pooled_f.append(f.mean(0))
+        pooled_t.append(t.mean(0))
+    diffs, pooled_f, pooled_t = torch.cat(diffs), torch.stack(pooled_f), torch.stack(pooled_t)
+    cosine = torch.nn.functional.cosine_similarity(pooled_f, pooled_t, dim=-1)
+    unit = torch.nn.functional.normalize(pooled_f, dim=-1)
+    others = (unit @ unit.T)[~torch.eye(len(files), dtype=torch.bool)]
+    return {
+        "max_abs": float(diffs.max()), "mean_abs": float(diffs.mean()),
+        "feature_mean_abs": float(torch.cat(values).mean()),
+        "pooled_cosine_mean": float(cosine.mean()), "pooled_cosine_min": float(cosine.min()),
+        "other_clip_cosine_mean": float(others.mean()),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=120)
     parser.add_argument("--dims", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--checkpoint", type=Path, help="a whisper .pt to use instead of --dims at random init")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/encode_audio.json"))
@@ -83,46 +115,73 @@ def main() -> None:
 
     files = fsdd_files(args.clips)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(tmp) / f"whisper-{args.dims}-random.pt"
-        save_encoder(checkpoint, args.dims)
+        if args.checkpoint:
+            checkpoint, described = args.checkpoint, f"{args.checkpoint} (trained weights)"
+        else:
+            checkpoint = Path(tmp) / f"whisper-{args.dims}-random.pt"
+            save_encoder(checkpoint, args.dims)
+            described = f"whisper-{args.dims} dims, random init"
         model = whisper.load_model(str(checkpoint), device="cpu")
         encoder = WhisperEncoder.load(str(checkpoint), "cpu")
-        naive(model, files[:2])  # warm both paths up (allocator, ffmpeg binary in page cache)
-        encode_audio(files[:2], FeatureCache(Path(tmp) / "warm"), encoder, args.batch_size, args.workers,
-                     progress=False)
+        trimmed = WhisperEncoder.load(str(checkpoint), "cpu", trim_to_clip=True)
+        window = encoder.num_frames
+        described += f", {window} positions ({window / 50:g} s window)"
+        pad = None if window == 1500 else encoder.window_samples  # whisper's own pad_or_trim: 30 s
+        naive(model, files[:2], pad=pad)  # warm every path up (allocator, ffmpeg binary in page cache)
+        for name, enc in (("warm", encoder), ("warm-trimmed", trimmed)):
+            encode_audio(files[:2], FeatureCache(Path(tmp) / name), enc, args.batch_size, args.workers, progress=False)
 
-        naive_seconds, reference = naive(model, files)
+        naive_seconds, reference = naive(model, files, pad=pad)
         cache = FeatureCache(Path(tmp) / "cache")
         report = encode_audio(files, cache, encoder, args.batch_size, args.workers, progress=False)
-        fp = encoder_fingerprint(encoder)
+        trim_cache = FeatureCache(Path(tmp) / "trimmed")
+        trim_report = encode_audio(files, trim_cache, trimmed, args.batch_size, args.workers, progress=False)
+
+        fp, trim_fp = encoder_fingerprint(encoder), encoder_fingerprint(trimmed)
         cached = {p: cache.lookup(content_hash(p), fp) for p in files}
+        cut = {p: trim_cache.lookup(content_hash(p), trim_fp) for p in files}
         diff = max(float((cached[p] - reference[p]).abs().max()) for p in files)
         # The same decoded samples through whisper's per-file log-mel and encoder: what remains
         # of ``diff`` beyond this is decoding (ffmpeg's resampler vs scipy's polyphase filter).
         from safe_cli.data.audio_io import load_audio
 
-        _, same_input = naive(model, files, load=lambda path: load_audio(path, 16000))
+        waves = {p: load_audio(p, 16000) for p in files}
+        _, same_input = naive(model, files, load=waves.__getitem__, pad=pad)
         pipeline_diff = max(float((cached[p] - same_input[p]).abs().max()) for p in files)
         scale = max(float(reference[p].abs().max()) for p in files)
+        trim = trim_difference(files, cached, cut, encoder.frame_mask([waves[p] for p in files]).sum(1).tolist())
+        lengths = sorted({int(t.shape[0]) for t in cut.values()})
 
     result = {
-        "clips": len(files), "encoder": f"whisper-{args.dims} dims, 1500 positions (30 s window), random init",
+        "clips": len(files), "encoder": described,
         "naive_clips_per_second": len(files) / naive_seconds,
         "safe_clips_per_second": len(files) / report.seconds,
         "speedup": naive_seconds / report.seconds,
         "max_abs_feature_difference": diff,
         "max_abs_difference_same_decoded_audio": pipeline_diff,
         "feature_abs_max": scale,
+        "trimmed_clips_per_second": len(files) / trim_report.seconds,
+        "trimmed_speedup": naive_seconds / trim_report.seconds,
+        "trimmed_vs_faithful_speedup": report.seconds / trim_report.seconds,
+        "trimmed_lengths_positions": lengths,
+        **{f"trimmed_vs_faithful_{k}": v for k, v in trim.items()},
         "batch_size": args.batch_size, "workers": args.workers,
         "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
     }
-    print(f"naive whisper loop: {result['naive_clips_per_second']:.2f} clips/s")
-    print(f"safe encode-audio:  {result['safe_clips_per_second']:.2f} clips/s "
-          f"(batch {args.batch_size}, {args.workers} decode workers)")
-    print(f"speed-up: {result['speedup']:.2f}x")
-    print(f"largest feature difference: {diff:.2e} end to end (features up to {scale:.2f}); "
+    print(f"encoder: {described}; {len(files)} FSDD clips")
+    print(f"naive whisper loop:          {result['naive_clips_per_second']:.2f} clips/s")
+    print(f"safe encode-audio:           {result['safe_clips_per_second']:.2f} clips/s "
+          f"(batch {args.batch_size}, {args.workers} decode workers), {result['speedup']:.2f}x the naive loop")
+    print(f"safe encode-audio --trim:    {result['trimmed_clips_per_second']:.2f} clips/s, "
+          f"{result['trimmed_speedup']:.2f}x the naive loop, {result['trimmed_vs_faithful_speedup']:.2f}x faithful "
+          f"(clips encoded over {lengths} positions instead of {window})")
+    print(f"faithful vs whisper: largest difference {diff:.2e} end to end (features up to {scale:.2f}); "
           f"{pipeline_diff:.2e} from the same decoded samples (the rest is the resampler)")
+    print(f"trimmed vs faithful, over each clip's own frames: max |diff| {trim['max_abs']:.3f}, "
+          f"mean |diff| {trim['mean_abs']:.4f} (mean |feature| {trim['feature_mean_abs']:.3f}); cosine of "
+          f"mean-pooled features mean {trim['pooled_cosine_mean']:.4f}, min {trim['pooled_cosine_min']:.4f} "
+          f"(between different clips: {trim['other_clip_cosine_mean']:.4f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -116,6 +116,15 @@ class WhisperConfig(Section):
         description="openai-whisper model name (tiny, base, small, ...) or a path to a .pt "
         "checkpoint, loaded with whisper.load_model. Only the encoder is kept.",
     )
+    trim_to_clip: bool = Field(
+        False,
+        description="Encode each clip over its own length, rounded up to whole seconds (at most the window), "
+        "adding only the first rows of whisper's positional embedding, instead of whisper's faithful "
+        "padding of every clip to the 30 s window. Faster on short clips, but the features differ from "
+        "whisper's own (whisper attends over the padding too), so the cache keeps them apart; the default "
+        "false is whisper's exact computation. Applies to whisper, both and tiny-whisper; safe "
+        "encode-audio --trim/--no-trim overrides it.",
+    )
 
 
 class ClapConfig(Section):

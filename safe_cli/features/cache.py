@@ -3,7 +3,9 @@
 Layout of a cache directory::
 
     CACHE/shards/<name>.safetensors   up to N clips each: one float32 tensor per clip, named by
-                                      the clip's content hash; the safetensors metadata key
+                                      the clip's content hash, of the clip's own shape (frames,
+                                      dim): (1500, D) for faithful whisper, (T_clip, D) for
+                                      whisper trimmed to the clip; the safetensors metadata key
                                       "safe_features" holds JSON {"version", "encoder", "clips":
                                       {hash: {"path", "samples", "sample_rate"}}}
     CACHE/index.json                  {encoder fingerprint: {content hash: shard name}}

@@ -43,7 +43,8 @@ class EncodeReport:
 
 
 def encoder_fingerprint(encoder) -> str:
-    """The cache key's encoder half: class, sample rate and a hash of every weight."""
+    """The cache key's encoder half: class, sample rate and a hash of every weight, plus the
+    encoder's variant when it has one (whisper trimmed to the clip: ``...+trim50``)."""
     return f"{type(encoder).__name__}:{encoder.sample_rate}:{encoder.fingerprint()}"
 
 
@@ -174,7 +175,9 @@ def _encode(encoder, ready: list[tuple[str, np.ndarray]], batch_size: int):
     """({hash: (features on CPU, float32; wave)}, {hash: reason}) for the decoded clips.
 
     A batch the encoder fails on is retried clip by clip, so one odd clip (or a batch too big
-    for the device) costs only that clip.
+    for the device) costs only that clip. Each clip keeps the rows the encoder says are its own
+    (``feature_lengths``): a whisper encoder trimmed to the clip pads a batch to its longest
+    clip, and the cache stores every clip at its own length, as if it had been encoded alone.
     """
     features: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
     errors: dict[str, str] = {}
@@ -197,7 +200,8 @@ def _encode(encoder, ready: list[tuple[str, np.ndarray]], batch_size: int):
     return features, errors
 
 
-def _run(encoder, waves: list[np.ndarray]) -> torch.Tensor:
+def _run(encoder, waves: list[np.ndarray]) -> list[torch.Tensor]:
     with torch.no_grad():
-        out = encoder(waves)
-    return out.detach().to("cpu", torch.float32)
+        out = encoder(waves).detach().to("cpu", torch.float32)
+    lengths = getattr(encoder, "feature_lengths", lambda _: None)(waves)
+    return list(out) if lengths is None else [tensor[:n] for tensor, n in zip(out, lengths)]

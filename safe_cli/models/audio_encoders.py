@@ -7,6 +7,11 @@ tensors, any lengths) and returns features of shape (B, T, D):
     tiny-whisper            (B, 50 * window, d_model)      the same frames over a shorter window
     clap                    (B, 1, projection_dim)          the pooled, projected CLAP embedding
     both                    (B, 1500, d_model + proj_dim)   the CLAP embedding joined to every frame
+
+Whisper encoders trimmed to the clip (``trim_to_clip``) return (B, T, ...) instead, T the
+batch's longest clip rounded up to whole seconds (see :class:`WhisperEncoder`);
+``feature_lengths`` says how many leading rows belong to each clip and ``frame_mask`` which of
+them cover audio.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config.schema import AudioEncoderConfig
@@ -47,8 +53,28 @@ class AudioEncoder(nn.Module):
     def train(self, mode: bool = True) -> "AudioEncoder":
         return super().train(False)  # frozen: dropout and the like stay off, whatever the caller says
 
+    variant: str = ""  # a setting that changes the features without changing a weight
+
     def fingerprint(self) -> str:
-        return fingerprint_module(self)
+        """A hash of every weight, plus the :attr:`variant` when there is one."""
+        weights = fingerprint_module(self)
+        return f"{weights}+{self.variant}" if self.variant else weights
+
+    def feature_lengths(self, waves: Sequence[Waveform]) -> Optional[list[int]]:
+        """How many leading rows of ``self(waves)[i]`` are clip i's features; None: all of them."""
+        return None
+
+    def batch_mask(self, waves: Sequence[Waveform]) -> Optional[torch.Tensor]:
+        """(B, T) bool, True on the rows of ``self(waves)`` that are each clip's own features
+        (:meth:`feature_lengths`); None when every row is (all clips of the batch as long).
+
+        This is the mask ``features.lookup.stack_features`` gives clips read from a cache, so
+        features computed on the fly and read from the cache reach the projector alike.
+        """
+        lengths = self.feature_lengths(waves)
+        if lengths is None or len(set(lengths)) <= 1:
+            return None
+        return torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
 
     @property
     def device(self) -> torch.device:
@@ -60,9 +86,9 @@ def whisper_log_mel(
 ) -> torch.Tensor:
     """Whisper's log-mel of each clip padded or cut to ``n_samples`` (30 s), as one batch (B, n_mels, frames).
 
-    Equal to ``whisper.log_mel_spectrogram(whisper.pad_or_trim(clip))`` per clip; whisper's own
-    function clamps against the maximum of the whole batch, so batching it directly would make
-    a clip's features depend on its neighbours.
+    Equal to ``whisper.log_mel_spectrogram(whisper.pad_or_trim(clip, n_samples))`` per clip
+    (``n_samples // 160`` frames); whisper's own function clamps against the maximum of the
+    whole batch, so batching it directly would make a clip's features depend on its neighbours.
     """
     import whisper
 
@@ -80,13 +106,33 @@ def whisper_positions(window_seconds: float) -> int:
     return max(1, round(window_seconds * 50))
 
 
+TRIM_STEP_POSITIONS = 50  # trim_to_clip rounds a clip's length up to whole seconds (50 positions)
+
+
 class WhisperEncoder(AudioEncoder):
-    """The encoder half of an openai-whisper model (the text decoder is dropped)."""
+    """The encoder half of an openai-whisper model (the text decoder is dropped).
+
+    Faithful (the default): every clip is padded or cut to the model's window (whisper's 30 s,
+    1500 positions) exactly as whisper does, and the features are (B, 1500, D) whatever the
+    clip's length.
+
+    ``trim_to_clip=True``: each clip is padded only to its own length rounded up to
+    ``trim_step`` positions (50 = 1 s; at most the window), its log-mel computed over that
+    length, and whisper's encoder run with the first T rows of its positional embedding. The
+    features differ from the faithful ones: whisper attends over all 1500 positions, padding
+    included, and was trained that way. Clips of a batch that round to different lengths are
+    encoded in separate forwards, so a clip's features never depend on its neighbours; the
+    batch's output is (B, T_max, D) with the rows past a clip's own length set to zero
+    (:meth:`feature_lengths` gives each clip's length, :meth:`frame_mask` its audio frames).
+    """
 
     sample_rate = WHISPER_SAMPLE_RATE
 
-    def __init__(self, encoder: nn.Module, n_mels: int):
+    def __init__(self, encoder: nn.Module, n_mels: int, trim_to_clip: bool = False,
+                 trim_step: int = TRIM_STEP_POSITIONS):
         super().__init__()
+        if trim_step < 1:
+            raise ValueError(f"trim_step must be >= 1, got {trim_step}")
         self.encoder = encoder
         self.n_mels = n_mels
         self.feature_dim = encoder.ln_post.normalized_shape[0]
@@ -94,10 +140,17 @@ class WhisperEncoder(AudioEncoder):
         # may have a shorter one. Two mel frames (hop 160) per position.
         self.num_frames = encoder.positional_embedding.shape[0]
         self.window_samples = self.num_frames * 2 * 160
+        self.trim_to_clip = bool(trim_to_clip)
+        self.trim_step = int(trim_step)
         self.freeze()
 
+    @property
+    def variant(self) -> str:
+        return f"trim{self.trim_step}" if self.trim_to_clip else ""
+
     @classmethod
-    def load(cls, name_or_path: str, device: Union[str, torch.device] = "cpu") -> "WhisperEncoder":
+    def load(cls, name_or_path: str, device: Union[str, torch.device] = "cpu",
+             trim_to_clip: bool = False) -> "WhisperEncoder":
         """``whisper.load_model`` by name (downloads to whisper's cache) or from a local ``.pt`` file."""
         import whisper
 
@@ -110,10 +163,11 @@ class WhisperEncoder(AudioEncoder):
             )
         except (RuntimeError, OSError, KeyError, ValueError) as exc:
             raise SafeError(f"audio_encoder.whisper.name_or_path: cannot load {name_or_path!r}: {exc}") from exc
-        return cls(model.encoder, model.dims.n_mels)
+        return cls(model.encoder, model.dims.n_mels, trim_to_clip)
 
     @classmethod
-    def tiny(cls, state: int, layers: int, heads: int, seed: int = 0, window_seconds: float = 30.0) -> "WhisperEncoder":
+    def tiny(cls, state: int, layers: int, heads: int, seed: int = 0, window_seconds: float = 30.0,
+             trim_to_clip: bool = False) -> "WhisperEncoder":
         """A whisper-architecture encoder of the given size (random init; ``safe prepare`` pretrains one)."""
         from whisper.model import AudioEncoder as WhisperAudioEncoder
 
@@ -122,19 +176,59 @@ class WhisperEncoder(AudioEncoder):
             encoder = WhisperAudioEncoder(
                 n_mels=80, n_ctx=whisper_positions(window_seconds), n_state=state, n_head=heads, n_layer=layers
             )
-        return cls(encoder, 80)
+        return cls(encoder, 80, trim_to_clip)
 
     def log_mel(self, waves: Sequence[Waveform]) -> torch.Tensor:
+        """The faithful log-mel: every clip padded or cut to the window."""
         return whisper_log_mel(waves, self.n_mels, self.device, self.window_samples)
 
-    def frame_mask(self, waves: Sequence[Waveform]) -> torch.Tensor:
-        """(B, num_frames) bool, True on the frames that cover the clip rather than padding."""
+    def _clip_positions(self, waves: Sequence[Waveform]) -> torch.Tensor:
+        """Encoder positions covering each clip (cut to the window): ceil(samples / 320), at least 1."""
         lengths = torch.tensor([min(len(w), self.window_samples) for w in waves])
-        valid = torch.clamp(torch.div(lengths + 319, 320, rounding_mode="floor"), min=1)
-        return torch.arange(self.num_frames)[None, :] < valid[:, None]
+        return torch.clamp(torch.div(lengths + 319, 320, rounding_mode="floor"), min=1)
+
+    def feature_lengths(self, waves: Sequence[Waveform]) -> list[int]:
+        """Rows of the output that belong to each clip: the window, or (trimmed) the clip's
+        positions rounded up to ``trim_step``, at most the window."""
+        if not self.trim_to_clip:
+            return [self.num_frames] * len(waves)
+        step = self.trim_step
+        return [min(self.num_frames, -(-int(n) // step) * step) for n in self._clip_positions(waves)]
+
+    def frame_mask(self, waves: Sequence[Waveform]) -> torch.Tensor:
+        """(B, T) bool, True on the frames that cover the clip rather than padding; T is the
+        output's length (the window, or trimmed the longest clip's :meth:`feature_lengths`)."""
+        width = max(self.feature_lengths(waves)) if self.trim_to_clip else self.num_frames
+        return torch.arange(width)[None, :] < self._clip_positions(waves)[:, None]
+
+    def _encode_positions(self, mel: torch.Tensor) -> torch.Tensor:
+        """whisper's ``AudioEncoder.forward`` over 2T mel frames, with the first T positional rows.
+
+        whisper's own forward asserts the full window; this is the same computation otherwise.
+        """
+        enc = self.encoder
+        x = F.gelu(enc.conv1(mel))
+        x = F.gelu(enc.conv2(x))
+        x = x.permute(0, 2, 1)
+        x = (x + enc.positional_embedding[: x.shape[1]]).to(x.dtype)
+        for block in enc.blocks:
+            x = block(x)
+        return enc.ln_post(x)
 
     def forward(self, waves: Sequence[Waveform]) -> torch.Tensor:
-        return self.encoder(self.log_mel(waves).to(next(self.encoder.parameters()).dtype))
+        dtype = next(self.encoder.parameters()).dtype
+        if not self.trim_to_clip:
+            return self.encoder(self.log_mel(waves).to(dtype))
+        lengths = self.feature_lengths(waves)
+        out: Optional[torch.Tensor] = None
+        for length in sorted(set(lengths)):  # one forward per rounded length: no clip sees another's padding
+            rows = [i for i, n in enumerate(lengths) if n == length]
+            mel = whisper_log_mel([waves[i] for i in rows], self.n_mels, self.device, length * 320)
+            features = self._encode_positions(mel.to(dtype))
+            if out is None:
+                out = features.new_zeros(len(waves), max(lengths), features.shape[-1])
+            out[rows, :length] = features
+        return out
 
 
 class ClapEncoder(AudioEncoder):
@@ -189,6 +283,13 @@ class WhisperClapEncoder(AudioEncoder):
         self.feature_dim = whisper_encoder.feature_dim + clap_encoder.feature_dim
         self.freeze()
 
+    @property
+    def variant(self) -> str:
+        return self.whisper.variant
+
+    def feature_lengths(self, waves: Sequence[Waveform]) -> list[int]:
+        return self.whisper.feature_lengths(waves)
+
     def forward(self, waves: Sequence[Waveform]) -> torch.Tensor:
         from scipy.signal import resample_poly
 
@@ -202,15 +303,16 @@ class WhisperClapEncoder(AudioEncoder):
 def load_audio_encoder(
     cfg: AudioEncoderConfig, device: Union[str, torch.device] = "cpu", seed: Optional[int] = 0
 ) -> AudioEncoder:
-    """Build the profile's audio encoder, frozen."""
+    """Build the profile's audio encoder, frozen (``whisper.trim_to_clip`` applies to every whisper kind)."""
+    trim = cfg.whisper.trim_to_clip
     if cfg.kind == "tiny-whisper":
         return WhisperEncoder.tiny(
-            cfg.tiny_state, cfg.tiny_layers, cfg.tiny_heads, seed or 0, cfg.tiny_window_seconds
+            cfg.tiny_state, cfg.tiny_layers, cfg.tiny_heads, seed or 0, cfg.tiny_window_seconds, trim
         ).to(device)
     if cfg.kind == "whisper":
-        return WhisperEncoder.load(cfg.whisper.name_or_path, device)
+        return WhisperEncoder.load(cfg.whisper.name_or_path, device, trim)
     if cfg.kind == "clap":
         return ClapEncoder.load(cfg.clap.name_or_path, device)
     return WhisperClapEncoder(
-        WhisperEncoder.load(cfg.whisper.name_or_path, device), ClapEncoder.load(cfg.clap.name_or_path, device)
+        WhisperEncoder.load(cfg.whisper.name_or_path, device, trim), ClapEncoder.load(cfg.clap.name_or_path, device)
     )

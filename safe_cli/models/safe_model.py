@@ -81,6 +81,10 @@ class SAFEModel(nn.Module):
             if audio is None:
                 raise ValueError("rows with a token budget > 0 need audio or audio_features")
             audio_features = self.encode_audio(audio)
+            if frame_mask is None:  # a whisper trimmed to the clip zero-fills the rows past a shorter clip
+                batch_mask = getattr(self.audio_encoder, "batch_mask", None)
+                rows = None if batch_mask is None else batch_mask(audio)
+                frame_mask = None if rows is None else rows.to(audio_features.device)
         k_max = int(budgets.max())
         tokens = self.projector(audio_features, k_max, frame_mask)
         mask = torch.arange(k_max, device=budgets.device)[None, :] < budgets[:, None]
