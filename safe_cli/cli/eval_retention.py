@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import load_profile
+from ..errors import SafeError
 from .common import SetOption, console, err_console, handle_errors
 
 
@@ -90,8 +91,6 @@ def eval_retention(
     else:
         dataset = eval_data.profile_data(resolved, rate, model.audio_encoder)
     if not dataset.pool.examples:
-        from ..errors import SafeError
-
         raise SafeError(f"--data: no usable examples ({len(dataset.skipped)} unreadable file(s))")
     budgets = [b for b in resolved.policy.token_budgets if b > 0]
     context = {
