@@ -10,6 +10,7 @@ from .check import check
 from .encode_audio import encode_audio
 from .eval_retention import eval_retention
 from .prepare import prepare
+from .sweep import sweep_app
 from .train import train
 from .validate import validate
 
@@ -44,6 +45,7 @@ app.command("prepare")(prepare)
 app.command("train")(train)
 app.command("encode-audio")(encode_audio)
 app.command("eval-retention")(eval_retention)
+app.add_typer(sweep_app, name="sweep")
 
 
 def main() -> None:

@@ -364,6 +364,10 @@ class SlurmConfig(Section):
         default_factory=list, description="Shell lines run before safe (module load, venv activation)."
     )
     extra_args: list[str] = Field(default_factory=list, description="Further #SBATCH lines, e.g. --qos=high.")
+    python: Optional[str] = Field(
+        None, description="Python that runs `-m safe_cli` in the jobs (default: the one running safe sweep; "
+        "set `python` when the setup lines activate an environment)."
+    )
 
     @field_validator("time")
     @classmethod
@@ -383,6 +387,10 @@ class SweepConfig(Section):
     )
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], description="Seeds in the sweep grid.")
     stages: list[Literal["a", "b", "c"]] = Field(default_factory=lambda: ["a"], description="Stages to run.")
+    parallel: int = Field(
+        1, ge=1, description="Local mode: runs trained at once (subprocesses; each gets cores/parallel torch "
+        "threads unless OMP_NUM_THREADS is set). --parallel overrides it."
+    )
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Options for --slurm.")
 
 

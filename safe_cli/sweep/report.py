@@ -1,0 +1,190 @@
+"""The comparison table: per variant and stage, mean and std over seeds, failures marked.
+
+Metrics from each finished stage's summary.json, n-weighted over its tasks:
+- audio accuracy: SAFE's accuracy on the questions that need the clip (audio and AV families);
+- VL delta without audio: SAFE - base on VL and text questions asked without a clip (the bypass
+  makes it exactly 0; anything else is a bug);
+- VL delta with audio: the same questions with a distractor clip attached (retention's target);
+- relative compute: efficiency.relative_audio_compute, written by stages b and c.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+from ..atomic import atomic_write, atomic_write_text, write_json
+from ..training import run_dir as layout
+from . import state
+from .grid import Run, stage_path
+from .manifest import Manifest
+from .status import run_states
+
+SCHEMA = "safe.sweep-report/1"
+METRICS = {
+    "audio_accuracy": "audio acc",
+    "vl_delta_without_audio": "VL Δ no audio",
+    "vl_delta_with_audio": "VL Δ with audio",
+    "relative_compute": "rel. compute",
+}
+FAILED_STATES = (state.FAILED, state.BLOCKED, state.INTERRUPTED)
+
+
+def _weighted(tasks: list[dict], key: str, keep) -> Optional[float]:
+    chosen = [t for t in tasks if keep(t) and t.get(key) is not None]
+    n = sum(t.get("n", 1) for t in chosen)
+    return sum(t[key] * t.get("n", 1) for t in chosen) / n if n else None
+
+
+def run_metrics(summary: dict[str, Any]) -> dict[str, Optional[float]]:
+    tasks = summary.get("tasks") or []
+    base_tasks = ("vl", "text")
+    efficiency = summary.get("efficiency") or {}
+    return {
+        "audio_accuracy": _weighted(tasks, "safe_accuracy", lambda t: t.get("kind") in ("audio", "av")),
+        "vl_delta_without_audio": _weighted(tasks, "delta", lambda t: t.get("kind") in base_tasks and not t.get("with_audio")),
+        "vl_delta_with_audio": _weighted(tasks, "delta", lambda t: t.get("kind") in base_tasks and t.get("with_audio")),
+        "relative_compute": efficiency.get("relative_audio_compute"),
+    }
+
+
+def _aggregate(values: list[float]) -> dict[str, Any]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values), "values": values}
+
+
+def build(out: Path, manifest: Manifest) -> dict[str, Any]:
+    out = Path(out)
+    runs = []
+    for row in run_states(out, manifest):
+        run: Run = row["run"]
+        summary_file = stage_path(out, run) / layout.SUMMARY_FILE
+        summary = None
+        if summary_file.is_file():
+            try:
+                summary = json.loads(summary_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                summary = None
+        shown = row["shown"] if summary is None else state.DONE
+        runs.append({
+            "variant": run.variant, "seed": run.seed, "stage": run.stage, "state": shown,
+            "exit_code": row.get("exit_code"), "message": row.get("message") if summary is None else None,
+            "attempts": row["attempt_count"], "seconds": row["last_seconds"], "log": row.get("log"),
+            "metrics": run_metrics(summary) if summary else None,
+            "examples_per_second": (summary or {}).get("examples_per_second"),
+        })
+    rows = []
+    for stage in manifest.stages:
+        for variant in manifest.variants:
+            mine = [r for r in runs if r["variant"] == variant and r["stage"] == stage]
+            done = [r for r in mine if r["metrics"]]
+            failures = [{"seed": r["seed"], "state": r["state"], "exit_code": r["exit_code"], "message": r["message"]}
+                        for r in mine if r["state"].split(" ")[0] in FAILED_STATES or r["state"].startswith("lost")]
+            rows.append({
+                "variant": variant, "stage": stage, "runs": len(mine), "done": len(done),
+                "seeds_done": [r["seed"] for r in done], "failures": failures,
+                "metrics": {key: _aggregate([r["metrics"][key] for r in done]) for key in METRICS},
+            })
+    return {"schema": SCHEMA, "profile": manifest.profile, "overrides": manifest.overrides,
+            "grid": {"variants": manifest.variants, "seeds": manifest.seeds, "stages": manifest.stages},
+            "rows": rows, "runs": runs}
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def fmt(metric: str, aggregate: dict[str, Any]) -> str:
+    mean, std = aggregate["mean"], aggregate["std"]
+    if mean is None:
+        return "–"
+    if metric == "relative_compute":
+        text = f"{mean:.2f}"
+        return text + (f" ± {std:.2f}" if std is not None else "")
+    scale, sign = (100, "+") if metric.startswith("vl_delta") else (100, "")
+    text = f"{scale * mean:{sign}.1f}" + ("" if metric.startswith("vl_delta") else "%")
+    return text + (f" ± {scale * std:.1f}" if std is not None else "")
+
+
+def failure_text(row: dict[str, Any]) -> str:
+    if not row["failures"]:
+        return "0"
+    return f"{len(row['failures'])} (seed {', '.join(str(f['seed']) for f in row['failures'])})"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    grid = report["grid"]
+    lines = [f"# Sweep report: {report['profile']}", "",
+             f"Grid: {len(grid['variants'])} variants x seeds {', '.join(map(str, grid['seeds']))}, "
+             f"stages {', '.join(grid['stages'])}"
+             + (f"; overrides: `{' '.join(report['overrides'])}`" if report["overrides"] else "") + ".",
+             "Mean ± std over the seeds that finished (accuracy and deltas in points; VL covers VL and text "
+             "questions).", "",
+             "| variant | stage | done | " + " | ".join(METRICS.values()) + " | failures |",
+             "|---|---|---|" + "---|" * len(METRICS) + "---|"]
+    for row in report["rows"]:
+        cells = [fmt(key, row["metrics"][key]) for key in METRICS]
+        lines.append(f"| {row['variant']} | {row['stage']} | {row['done']}/{row['runs']} | " + " | ".join(cells)
+                     + f" | {'**' + failure_text(row) + '**' if row['failures'] else '0'} |")
+    failed = [r for r in report["runs"] if r["state"] != state.DONE]
+    if failed:
+        lines += ["", "## Runs not finished", ""]
+        lines += [f"- {r['variant']} seed {r['seed']} stage {r['stage']}: {r['state']}"
+                  + (f" (exit {r['exit_code']})" if r["exit_code"] not in (None, 0) else "")
+                  + (f": `{r['message']}`" if r["message"] else "") for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = [key for key in METRICS if any(r["metrics"][key]["mean"] is not None for r in report["rows"])]
+    metrics = metrics or ["audio_accuracy"]
+    variants = report["grid"]["variants"]
+    stages = report["grid"]["stages"]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.35 * len(variants) + 2.4),
+                                squeeze=False)
+    width = 0.8 / len(stages)
+    for axis, metric in zip(axes[0], metrics):
+        scale = 1 if metric == "relative_compute" else 100
+        for k, stage in enumerate(stages):
+            rows = {r["variant"]: r for r in report["rows"] if r["stage"] == stage}
+            means = [rows[v]["metrics"][metric]["mean"] for v in variants]
+            stds = [rows[v]["metrics"][metric]["std"] or 0 for v in variants]
+            y = np.arange(len(variants)) + (k - (len(stages) - 1) / 2) * width
+            axis.barh(y, [scale * (m if m is not None else np.nan) for m in means], height=width,
+                      xerr=[scale * s for s in stds], capsize=2, label=f"stage {stage}")
+        if metric.startswith("vl_delta"):
+            axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_title(METRICS[metric] + ("" if metric == "relative_compute" else " (points)" if "delta" in metric else " (%)"))
+        failed = {v: any(r["failures"] for r in report["rows"] if r["variant"] == v) for v in variants}
+        first = axis is axes[0][0]
+        axis.set_yticks(range(len(variants)), [v + (" ✗" if failed[v] else "") if first else "" for v in variants])
+        for label, variant in zip(axis.get_yticklabels(), variants):
+            if failed[variant]:
+                label.set_color("#c0392b")
+        axis.invert_yaxis()
+    if len(stages) > 1:
+        axes[0][-1].legend(fontsize=8, loc="lower right")
+    figure.suptitle(f"sweep {report['profile']}: mean ± std over seeds (red ✗: a run failed)", fontsize=10)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(figure)
+
+
+def write(out: Path, report: dict[str, Any]) -> dict[str, Path]:
+    out = Path(out)
+    paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
+    write_json(paths["json"], report)
+    atomic_write_text(paths["md"], to_markdown(report))
+    plot(report, paths["png"])
+    return paths
