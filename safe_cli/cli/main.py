@@ -7,6 +7,7 @@ import typer
 from .. import __version__
 from .common import State
 from .check import check
+from .distill_policy import distill_policy
 from .encode_audio import encode_audio
 from .eval_retention import eval_retention
 from .prepare import prepare
@@ -17,7 +18,7 @@ from .validate import validate
 app = typer.Typer(
     name="safe",
     help="SAFE: add audio understanding to a frozen vision-language model without regressing it.\n\n"
-    "Examples:\n\n    safe validate demo\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe eval-retention runs/demo/soft_retention/seed-0\n\n    safe check --profile demo",
+    "Examples:\n\n    safe validate demo\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe train --stage b --variant soft_retention\n\n    safe distill-policy runs/demo/soft_retention/seed-0\n\n    safe eval-retention runs/demo/soft_retention/seed-0\n\n    safe check --profile demo",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -46,6 +47,7 @@ app.command("train")(train)
 app.command("encode-audio")(encode_audio)
 app.command("eval-retention")(eval_retention)
 app.add_typer(sweep_app, name="sweep")
+app.command("distill-policy")(distill_policy)
 
 
 def main() -> None:

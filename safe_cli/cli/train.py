@@ -14,7 +14,8 @@ from .common import ProfileOption, SetOption, console, handle_errors, resolve_pr
 
 @handle_errors
 def train(
-    stage: str = typer.Option(..., "--stage", help="Training stage: a (alignment). b and c are not built yet."),
+    stage: str = typer.Option(..., "--stage", help="a (alignment), b (policy: when audio pays) or c (distil the "
+                              "policy into a deployable gate; same as `safe distill-policy`)."),
     variant: Optional[str] = typer.Option(
         None, "--variant", "-v",
         help="Retention variant: no_retention, soft_retention, fisher_retention, nullspace_retention, "
@@ -32,7 +33,7 @@ def train(
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: the profile's training.device)."),
     json_output: bool = typer.Option(False, "--json", help="Print the run's summary as one JSON object."),
 ) -> None:
-    """Train a stage: A aligns audio (projector + fusion adapters) while retention keeps the base unharmed.
+    """Train a stage: A aligns audio while retention keeps the base unharmed; B learns when audio pays; C deploys.
 
     Stage A trains on the audio and AV questions with a random token budget per example; the
     variant's retention terms act on VL and text questions with a distractor clip. It writes
@@ -40,6 +41,12 @@ def train(
     training.stage_a.checkpoint_every steps) and, at the end, the trainable weights and a
     summary with base vs SAFE accuracy per task. SIGTERM/SIGUSR1 save a checkpoint and stop;
     --resume continues exactly where the run stopped.
+
+    Stage B reads the run's finished Stage A and learns the token-budget policy (budget 0 skips
+    the audio encoder and adapters) by policy gradient on reward = task score - alpha x relative
+    compute, with a retention multiplier; it writes policy.safetensors, checkpoints and a summary
+    comparing always-k, the oracle and the policy. Stage C distils the policy into a light gate,
+    calibrates its threshold and exports gate.safetensors + gate.json (see `safe distill-policy`).
 
     Exit codes: 0 done; 1 the run failed or was stopped (a checkpoint is saved); 2 bad input.
 
@@ -50,12 +57,28 @@ def train(
         safe train --stage a --variant full_retention --profile avdigits --seed 2 --set training.stage_a.steps=600
 
         safe train --stage a --run-dir runs/demo/soft_retention/seed-0 --resume
+
+        safe train --stage b --variant soft_retention
+
+        safe train --stage c --variant soft_retention --set training.stage_c.target=audio_usage
     """
+    stage = stage.lower()
+    if stage not in ("a", "b", "c"):
+        raise SafeError(f"--stage: unknown stage {stage!r}; choose a, b or c")
+    resolved = resolve_profile(profile, set_)
+    if stage == "c":
+        from .distill_policy import run_stage_c
+
+        run_stage_c(resolved, variant=variant, seed=seed, run_dir=run_dir, device=device, json_output=json_output)
+        return
+    if stage == "b":
+        from ..training.stage_b import train_stage_b
+
+        result_b = train_stage_b(resolved, variant=variant, seed=seed, run_dir=run_dir, resume=resume, device=device)
+        print_stage_b(result_b, json_output)
+        return
     from ..training.stage_a import train_stage_a
 
-    if stage.lower() != "a":
-        raise SafeError(f"--stage: stage {stage!r} is not available yet; only stage a (alignment) is built")
-    resolved = resolve_profile(profile, set_)
     result = train_stage_a(resolved, variant=variant, seed=seed, run_dir=run_dir, resume=resume, device=device)
     summary = result.summary()
     if json_output:
@@ -75,5 +98,29 @@ def train(
     console.print(f"audio/digit by budget: {budgets}")
     console.print(f"{result.steps} steps ({result.skipped_steps} skipped), {result.examples_per_second:.0f} examples/s, "
                   f"peak memory {result.peak_memory_mb:.0f} MB")
+    console.print(f"base fingerprint {'unchanged' if result.base_unchanged else 'CHANGED'}: {result.base_fingerprint}")
+    console.print(f"run directory: {result.stage_dir}")
+
+
+def strategy_table(title: str, points: list[dict]) -> Table:
+    table = Table(title=title)
+    for column in ("strategy", "accuracy", "audio q.", "distractor q.", "audio usage", "mean k", "rel. compute"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for point in points:
+        table.add_row(point["strategy"], f"{point['accuracy']:.1%}", f"{point['audio_accuracy']:.1%}",
+                      f"{point['retention_accuracy']:.1%}", f"{point['audio_usage_rate']:.1%}",
+                      f"{point['mean_token_budget']:.1f}", f"{point['relative_audio_compute']:.2f}")
+    return table
+
+
+def print_stage_b(result, json_output: bool) -> None:
+    summary = result.summary()
+    if json_output:
+        print(json.dumps({"stage_dir": str(result.stage_dir), **summary}, indent=1, sort_keys=True))
+        return
+    console.print(strategy_table(f"stage B, {result.variant}, seed {result.seed}: examples with a clip, test split",
+                                 result.strategies))
+    console.print(f"{result.steps} steps, {result.examples_per_second:.0f} examples/s, retention multiplier "
+                  f"{result.retention_multiplier:.2f}, peak memory {result.peak_memory_mb:.0f} MB")
     console.print(f"base fingerprint {'unchanged' if result.base_unchanged else 'CHANGED'}: {result.base_fingerprint}")
     console.print(f"run directory: {result.stage_dir}")

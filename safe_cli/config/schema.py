@@ -284,23 +284,50 @@ class StageAConfig(Section):
 class StageBConfig(Section):
     steps: int = Field(300, ge=1, description="Policy-gradient steps.")
     batch_size: int = Field(32, ge=1, description="Examples per step.")
+    audio_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Share of each batch drawn from questions that need the audio (audio, AV); "
+        "the rest are VL and text questions with a distractor clip, where audio only costs."
+    )
     lr: float = Field(1e-3, gt=0, description="Policy learning rate.")
-    alpha: float = Field(0.5, ge=0, description="Weight of normalised compute in the reward.")
+    alpha: float = Field(
+        0.05, ge=0, description="Price of audio in the reward: reward = task score - alpha * cost / cost of the "
+        "largest budget, so 0.05 means a full audio pass must buy 5 accuracy points (measured on demo: 0.5 also "
+        "skipped audio questions whose gain was 6-35 points, 0.05 kept audio accuracy within 1 point)."
+    )
     entropy_weight: float = Field(0.01, ge=0, description="Entropy bonus.")
-    lagrange_lr: float = Field(0.05, ge=0, description="Step size of the retention multiplier.")
-    tune_adapters: bool = Field(False, description="Lightly tune the fusion adapters during Stage B.")
-    checkpoint_every: int = Field(100, ge=1, description="Checkpoint interval in steps.")
+    value_weight: float = Field(0.5, ge=0, description="Weight of the value baseline's squared error.")
+    lagrange_lr: float = Field(
+        0.05, ge=0, description="Step size of the retention multiplier: it rises while SAFE's accuracy on VL/text "
+        "questions with a distractor clip is below the base's minus evaluation.tolerance, and falls back to 0 after."
+    )
+    state_samples: int = Field(
+        256, ge=2, description="Training examples whose states fit the feature standardisation and whose base "
+        "accuracy (with a distractor clip) is the retention constraint's reference."
+    )
+    tune_adapters: bool = Field(False, description="Lightly tune the fusion adapters during Stage B (audio loss on "
+                                "the rows the policy gives audio, KL to the base on distractor rows given audio).")
+    adapter_lr: float = Field(1e-4, gt=0, description="Learning rate of the adapters when tune_adapters is on.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint interval in steps (and at the end).")
+    log_every: int = Field(10, ge=1, description="Metrics interval in steps.")
 
 
 class StageCConfig(Section):
     target: Literal["accuracy", "audio_usage"] = Field(
-        "accuracy", description="What the gate's threshold is calibrated for."
+        "accuracy", description="What the gate's threshold is calibrated for on the validation examples."
     )
     target_value: float = Field(
-        0.99, gt=0, le=1, description="Fraction of the policy's accuracy to keep, or the audio-usage rate."
+        0.99, gt=0, le=1, description="accuracy: keep at least this fraction of the policy's accuracy with the "
+        "fewest examples given audio; audio_usage: give audio to about this fraction of examples with a clip."
     )
     steps: int = Field(200, ge=1, description="Distillation steps.")
+    batch_size: int = Field(64, ge=1, description="States per distillation step.")
+    lr: float = Field(3e-3, gt=0, description="Learning rate of the gate.")
     hidden_size: int = Field(16, ge=1, description="Hidden width of the light gate.")
+    train_examples: int = Field(1024, ge=8, description="Training examples whose policy decisions are distilled.")
+    validation_examples: int = Field(
+        512, ge=8, description="Examples the threshold is calibrated on: fresh question/image/clip pairings of the "
+        "training split (never the test split), answered at every budget."
+    )
 
 
 class TrainingConfig(Section):

@@ -53,9 +53,20 @@ class AudioPolicyNetwork(nn.Module):
         state_features: torch.Tensor,
         deterministic: bool = False,
         actions: Optional[torch.Tensor] = None,
+        has_audio: Optional[torch.Tensor] = None,
     ) -> PolicyActions:
-        """Sample (or take the argmax of, or score given) actions for a batch of states."""
+        """Sample (or take the argmax of, or score given) actions for a batch of states.
+
+        ``has_audio`` (B,) bool: rows without a clip can only take budget 0, and their
+        distribution says so (probability 1, log-probability 0), so skipped rows never carry a
+        wrong log-probability into the policy gradient.
+        """
         logits, values = self(state_features)
+        if has_audio is not None:
+            no_clip = ~has_audio.to(logits.device).bool()
+            positive = (self.token_budgets > 0)[None, :]
+            # The dtype's most negative number, not -inf: softmax gives exactly 0 and entropy stays finite.
+            logits = logits.masked_fill(no_clip[:, None] & positive, torch.finfo(logits.dtype).min)
         distribution = Categorical(logits=logits)
         if actions is None:
             actions = logits.argmax(-1) if deterministic else distribution.sample()

@@ -88,3 +88,16 @@ def generate_safe_answers(model, batcher: PromptBatcher, pool: ExamplePool, chos
     budgets = torch.as_tensor([budget if e.clip is not None else 0 for e in chosen], device=batcher.device)
     return generate_answers(model, batcher, pool.queries(chosen, with_answers=False), max_new_tokens,
                             token_budget=budgets, **pool.audio_inputs(chosen, batcher.device))
+
+
+def row_exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: every answer token of the row is the argmax (teacher-forced exact match).
+
+    Greedy decoding of a row gives its answer exactly when this holds, so it scores a row in
+    one forward instead of a generation loop. Rows without answer tokens are False.
+    """
+    predicted = logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    scored = target != -100
+    return ((predicted == target) | ~scored).all(1) & scored.any(1)
+

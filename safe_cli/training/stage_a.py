@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -32,10 +30,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-import yaml
 
-from ..atomic import atomic_write_text, write_json
-from ..config.loader import dump_profile
+from ..atomic import write_json
 from ..config.schema import Profile, RetentionVariant
 from ..config.variants import resolve_variants
 from ..data.batches import PromptBatcher
@@ -46,8 +42,9 @@ from ..models.builder import build_trainable, resolve_device
 from ..models.safe_model import SAFEModel
 from ..progress import progress_bar
 from . import run_dir as layout
-from .batches import ExamplePool, avdigits_pool, draw_budgets, training_batch
+from .batches import ExamplePool, avdigits_pool, draw_budgets, row_exact_match, training_batch
 from .checkpoint import check_fingerprint, latest_checkpoint, load_weights_into, save_checkpoint
+from .lifecycle import StopSignals, open_stage_dir, peak_memory_mb, prepare_stage_dir, save_weights
 from .retention import FisherPenalty, NullSpaceProjector, distillation_kl, protected_linears
 from .schedule import warmup_cosine
 
@@ -99,80 +96,10 @@ def resolve_variant(profile: Profile, name: Optional[str]) -> tuple[str, Retenti
     return name, variants[name]
 
 
-def _profile_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    out = []
-    for key in keys:
-        a, b = saved.get(key), current.get(key)
-        path = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _profile_differences(a, b, path + ".")
-        elif a != b:
-            out.append(f"{path}: {a!r} in the run, {b!r} now")
-    return out
-
-
-def prepare_stage_dir(directory: Path, profile: Profile, resume: bool) -> None:
-    """Refuse to mix two runs in one folder; on resume, refuse a changed profile."""
-    has_checkpoints = latest_checkpoint(directory) is not None
-    if has_checkpoints and not resume:
-        raise SafeError(
-            f"--run-dir: {directory} already holds a run's checkpoints; pass --resume to continue it, "
-            f"or choose another --run-dir/--seed"
-        )
-    saved_profile = directory / layout.PROFILE_FILE
-    if resume and saved_profile.exists():
-        saved = yaml.safe_load(saved_profile.read_text())
-        differences = _profile_differences(saved, profile.model_dump(mode="json"))
-        if differences:
-            raise SafeError(
-                f"{saved_profile}: the run was started with another profile; resuming would mix two "
-                "trainings:\n" + "\n".join(differences[:20])
-            )
-    directory.mkdir(parents=True, exist_ok=True)
-
-
-class _Interrupt:
-    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) / SIGINT: stop after this step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self):
-        self.received: Optional[str] = None
-        self.previous: dict = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test worker): no handlers
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak resident memory of this process (and of the GPU, when training there)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    if device.type == "cuda":
-        return rss + torch.cuda.max_memory_allocated(device) / 2**20
-    return rss
-
-
 def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of rows whose every answer token is the argmax (teacher-forced exact match)."""
-    predicted = logits[:, :-1].argmax(-1)
-    target = labels[:, 1:]
-    scored = target != -100
-    rows = ((predicted == target) | ~scored).all(1) & scored.any(1)
-    return float(rows.float().sum() / scored.any(1).float().sum().clamp(min=1))
+    scored = (labels[:, 1:] != -100).any(1)
+    return float(row_exact_match(logits, labels).float().sum() / scored.float().sum().clamp(min=1))
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -374,13 +301,7 @@ class StageATrainer:
     def run(self) -> StageAResult:
         self.build()
         directory = self.stage_dir
-        atomic_write_text(directory / layout.PROFILE_FILE, dump_profile(self.profile))
-        write_json(directory / layout.ENV_FILE, layout.environment(str(self.device)))
-        fingerprint_file = directory / layout.FINGERPRINT_FILE
-        if fingerprint_file.exists() and fingerprint_file.read_text().strip() != self.base_fingerprint:
-            raise SafeError(f"{fingerprint_file}: this run was trained on base {fingerprint_file.read_text().strip()}, "
-                            f"the profile's base is {self.base_fingerprint}")
-        atomic_write_text(fingerprint_file, self.base_fingerprint + "\n")
+        open_stage_dir(directory, self.profile, self.device, self.base_fingerprint)
 
         start, skipped = self.restore() if self.resume else (0, 0)
         resumed_from = start if self.resume and start > 0 else None
@@ -397,7 +318,7 @@ class StageATrainer:
         window: list[dict[str, float]] = []
         train_seconds = 0.0
         steps_timed = 0
-        with _Interrupt() as interrupt, progress_bar("stage A", self.cfg.steps, completed=start) as advance:
+        with StopSignals() as interrupt, progress_bar("stage A", self.cfg.steps, completed=start) as advance:
             for step in range(start + 1, self.cfg.steps + 1):
                 began = time.perf_counter()
                 record = self._step(step)
@@ -424,12 +345,7 @@ class StageATrainer:
                     self.save(step, skipped)
                     raise RunFailed(f"stopped by {interrupt.received} after step {step}; checkpoint saved in "
                                     f"{directory}; continue with --resume")
-        from safetensors.torch import save_file
-
-        final = directory / layout.FINAL_WEIGHTS
-        tmp = final.with_name(f".{final.name}.tmp")
-        save_file({name: p.detach().contiguous().cpu() for name, p in self.trainable.items()}, str(tmp))
-        tmp.replace(final)
+        save_weights(directory / layout.FINAL_WEIGHTS, self.trainable)
 
         self.model.eval()
         eval_cfg = self.profile.evaluation

@@ -1,0 +1,182 @@
+"""What audio costs: FLOPs of the audio encoder for a clip and of the fusion path for k tokens.
+
+Counted from the model's dimensions, FLOPs = 2 x multiply-accumulates of the matrix products
+(linear layers, convolutions, attention's two products); norms, activations, softmax and
+additions are left out (they are a few percent and do not change with k). Symbols:
+
+    Whisper encoder (n_mels M, width d, n_layer blocks, T positions: 1500 for the faithful 30 s
+    window, the clip's rounded length when trimmed):
+        mel     2 * (2T) * 201 * M              (the mel filterbank over 2T STFT frames)
+        conv1   2 * (2T) * 3 * M * d            (kernel 3 over 2T mel frames)
+        conv2   2 *  T   * 3 * d * d            (kernel 3, stride 2)
+        block   2 * T * 12 * d^2                (q, k, v, out: 4 d^2; MLP d->4d->d: 8 d^2)
+              + 4 * T^2 * d                     (scores and weighted sum)
+    Projector (features of width D, T' frames after frame_pool, k tokens, LLM width H, MLP width W):
+        2*2 * k * T' * D + 2 * k * D * H + 2*2 * k * H * W
+    Fusion, per fused layer (L text positions, k audio tokens + 1 null slot, query width Hq,
+    key/value width Hkv, LoRA rank r on q/k/v/o):
+        q, o    2 * 2 * L * H * Hq   + LoRA 2 * 2 * L * r * (H + Hq)
+        k, v    2 * 2 * k * H * Hkv  + LoRA 2 * 2 * k * r * (H + Hkv)
+        attn    2 * 2 * L * (k + 1) * Hq
+
+CLAP's audio tower (a Swin transformer) has no such simple formula; its FLOPs are measured
+once with torch's FLOP counter on a clip of the tower's fixed input length (CLAP pads or cuts
+every clip to it, so the cost does not depend on the clip).
+
+``relative_cost(k)`` = cost(k) / cost(k_max), 0 for k = 0: the encoder is not run and no
+adapter is touched. With the encoder in the sum, the saving of a smaller k is small, and
+skipping audio is where the compute goes; that is the design's point, and the numbers show it.
+The policy's own network and the base's forward are not counted: the base runs for every
+example whatever the policy decides (its confidence is one of the policy's inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from ..models.audio_encoders import AudioEncoder, ClapEncoder, WhisperClapEncoder, WhisperEncoder
+from ..models.fusion_adapter import FusionAdapter
+from ..models.projectors import AudioProjector
+
+
+N_FFT = 400  # whisper's STFT window
+
+
+@dataclass(frozen=True)
+class WhisperDims:
+    n_mels: int
+    width: int
+    layers: int
+    window: int  # positions of the faithful window (1500 = 30 s)
+    trim_step: Optional[int] = None  # positions a trimmed clip is rounded up to; None = faithful
+
+    def positions(self, clip_seconds: float) -> int:
+        if self.trim_step is None:
+            return self.window
+        exact = max(1, math.ceil(clip_seconds * 50))  # 50 positions a second (hop 160, stride 2, 16 kHz)
+        return min(self.window, -(-exact // self.trim_step) * self.trim_step)
+
+    def flops(self, clip_seconds: float) -> float:
+        t, d, m = self.positions(clip_seconds), self.width, self.n_mels
+        mel = 2 * (2 * t) * (N_FFT // 2 + 1) * m
+        convs = 2 * (2 * t) * 3 * m * d + 2 * t * 3 * d * d
+        block = 2 * t * 12 * d * d + 4 * t * t * d
+        return float(mel + convs + self.layers * block)
+
+
+def whisper_dims(encoder: WhisperEncoder) -> WhisperDims:
+    inner = encoder.encoder
+    return WhisperDims(
+        n_mels=inner.conv1.in_channels, width=inner.conv1.out_channels, layers=len(inner.blocks),
+        window=int(inner.positional_embedding.shape[0]),
+        trim_step=encoder.trim_step if encoder.trim_to_clip else None,
+    )
+
+
+def clap_flops(encoder: ClapEncoder) -> float:
+    """FLOPs of one clip through CLAP's audio tower and projection, measured by torch's counter."""
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    silence = np.zeros(int(encoder.sample_rate), dtype=np.float32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder([silence])
+    return float(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class FusionDims:
+    hidden: int  # H, the LLM's width
+    query_width: int  # Hq = heads * head_dim
+    kv_width: int  # Hkv = kv heads * head_dim
+    layers: int  # fused layers
+    lora_rank: int  # 0 without LoRA
+    null_slot: bool
+    feature_dim: int  # D, the encoder's width
+    frame_pool: int
+    projector_mlp: int  # W
+
+    def projector_flops(self, k: int, frames: int) -> float:
+        pooled = -(-frames // self.frame_pool)
+        d, h = self.feature_dim, self.hidden
+        return float(2 * 2 * k * pooled * d + 2 * k * d * h + 2 * 2 * k * h * self.projector_mlp)
+
+    def layer_flops(self, k: int, length: int) -> float:
+        h, hq, hkv, r = self.hidden, self.query_width, self.kv_width, self.lora_rank
+        slots = k + (1 if self.null_slot else 0)
+        q_and_o = 2 * 2 * length * h * hq + 2 * 2 * length * r * (h + hq)
+        k_and_v = 2 * 2 * k * h * hkv + 2 * 2 * k * r * (h + hkv)
+        attention = 2 * 2 * length * slots * hq
+        return float(q_and_o + k_and_v + attention)
+
+
+def fusion_dims(projector: AudioProjector, fusion: FusionAdapter, lora_rank: int) -> FusionDims:
+    block = fusion.block(fusion.layers[0])
+    return FusionDims(
+        hidden=block.hidden_size, query_width=block.num_heads * block.head_dim,
+        kv_width=block.num_kv_heads * block.head_dim, layers=len(fusion.layers),
+        lora_rank=lora_rank if fusion.uses_lora else 0, null_slot=block.null_key is not None,
+        feature_dim=projector.audio_embed_dim, frame_pool=projector.frame_pool,
+        projector_mlp=projector.mlp[1].out_features,
+    )
+
+
+class AudioCostModel:
+    """FLOPs of audio for one example, and the same normalised to the always-max-budget cost."""
+
+    def __init__(self, encoder_flops, frames, fusion: FusionDims, max_budget: int):
+        self._encoder_flops = encoder_flops  # clip seconds -> FLOPs
+        self._frames = frames  # clip seconds -> encoder frames the projector pools
+        self.fusion = fusion
+        self.max_budget = int(max_budget)
+
+    @classmethod
+    def for_model(cls, model, lora_rank: int, max_budget: int) -> "AudioCostModel":
+        """From a SAFEModel: its encoder's kind decides the encoder formula."""
+        return cls.build(model.audio_encoder, model.projector, model.fusion, lora_rank, max_budget)
+
+    @classmethod
+    def build(cls, encoder: AudioEncoder, projector: AudioProjector, fusion: FusionAdapter, lora_rank: int,
+              max_budget: int) -> "AudioCostModel":
+        parts = []
+        if isinstance(encoder, WhisperClapEncoder):
+            parts = [encoder.whisper, encoder.clap]
+        else:
+            parts = [encoder]
+        counters, frames = [], None
+        for part in parts:
+            if isinstance(part, WhisperEncoder):
+                dims = whisper_dims(part)
+                counters.append(dims.flops)
+                frames = dims.positions
+            elif isinstance(part, ClapEncoder):
+                flops = clap_flops(part)
+                counters.append(lambda seconds, flops=flops: flops)
+            else:
+                raise ValueError(f"no cost formula for audio encoder {type(part).__name__}")
+        if frames is None:
+            frames = lambda seconds: 1  # noqa: E731 (CLAP alone: one pooled vector per clip)
+        return cls(lambda seconds: sum(c(seconds) for c in counters), frames,
+                   fusion_dims(projector, fusion, lora_rank), max_budget)
+
+    def encoder_flops(self, clip_seconds: float) -> float:
+        return self._encoder_flops(clip_seconds)
+
+    def fusion_flops(self, k: int, text_length: int, clip_seconds: float) -> float:
+        """Projector for k tokens plus every fused layer's cross-attention over ``text_length`` positions."""
+        if k <= 0:
+            return 0.0
+        fusion = self.fusion
+        return fusion.projector_flops(k, self._frames(clip_seconds)) + fusion.layers * fusion.layer_flops(k, text_length)
+
+    def flops(self, k: int, text_length: int, clip_seconds: float) -> float:
+        if k <= 0:
+            return 0.0
+        return self.encoder_flops(clip_seconds) + self.fusion_flops(k, text_length, clip_seconds)
+
+    def relative(self, k: int, text_length: int, clip_seconds: float) -> float:
+        """cost(k) / cost(k_max) for this example: 0 for k = 0, 1 for the largest budget."""
+        return self.flops(k, text_length, clip_seconds) / self.flops(self.max_budget, text_length, clip_seconds)
