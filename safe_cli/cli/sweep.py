@@ -99,6 +99,7 @@ def sweep(
     known = resolve_variants(resolved.retention.variants)
     chosen_variants = grid.parse_names(variants, "--variants") if variants else \
         (existing.variants if existing else list(resolved.sweep.variants))
+    grid.check_variant_names(chosen_variants)
     unknown = [v for v in chosen_variants if v not in known]
     if unknown:
         raise SafeError(f"--variants: unknown variant(s) {', '.join(map(repr, unknown))} "
@@ -195,7 +196,7 @@ def _comparison_table(report) -> Table:
                          no_wrap=column == "variant")
     for row in report["rows"]:
         table.add_row(row["variant"], row["stage"], f"{row['done']}/{row['runs']}",
-                      *[fmt(key, row["metrics"][key]) for key in METRICS],
+                      *[fmt(key, row["metrics"][key], sep="\u00a0±\u00a0") for key in METRICS],
                       Text(failure_text(row), style="bold red" if row["failures"] else ""))
     return table
 
@@ -264,10 +265,13 @@ def run_task(
     stage: str = typer.Option(..., "--stage"),
     variant: str = typer.Option(..., "--variant"),
     seed: int = typer.Option(..., "--seed"),
+    profile: str = typer.Option(..., "--profile"),
+    set_: Optional[List[str]] = typer.Option(None, "--set"),
 ) -> None:
     """One array task of a --slurm sweep (the batch scripts call it)."""
     import sys
 
     from ..sweep.task import run_task as run_one
 
-    sys.exit(run_one(Path(out), stage, variant, seed, say=lambda line: print(line, flush=True)))
+    sys.exit(run_one(Path(out), stage, variant, seed, profile, list(set_ or []),
+                     say=lambda line: print(line, flush=True)))

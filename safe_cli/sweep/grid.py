@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -55,6 +56,17 @@ def parse_names(text: str, option: str) -> list[str]:
     if not names:
         raise SafeError(f"{option}: expected a comma-separated list, got {text!r}")
     return list(dict.fromkeys(names))
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def check_variant_names(variants: list[str]) -> None:
+    """Variant names become folder names and words in batch scripts: keep them plain."""
+    bad = [v for v in variants if not _SAFE_NAME.match(v)]
+    if bad:
+        raise SafeError(f"--variants: {', '.join(map(repr, bad))}: a sweep needs variant names of letters, digits "
+                        "and _ . + - (they name folders and appear in batch scripts)")
 
 
 def parse_seeds(text: str, option: str = "--seeds") -> list[int]:

@@ -99,16 +99,16 @@ def build(out: Path, manifest: Manifest) -> dict[str, Any]:
 # --------------------------------------------------------------------------- rendering
 
 
-def fmt(metric: str, aggregate: dict[str, Any]) -> str:
+def fmt(metric: str, aggregate: dict[str, Any], sep: str = " ± ") -> str:
+    """Accuracy in %, deltas in signed points, compute as a ratio; ``sep`` before the std."""
     mean, std = aggregate["mean"], aggregate["std"]
     if mean is None:
         return "–"
     if metric == "relative_compute":
-        text = f"{mean:.2f}"
-        return text + (f" ± {std:.2f}" if std is not None else "")
-    scale, sign = (100, "+") if metric.startswith("vl_delta") else (100, "")
-    text = f"{scale * mean:{sign}.1f}" + ("" if metric.startswith("vl_delta") else "%")
-    return text + (f" ± {scale * std:.1f}" if std is not None else "")
+        return f"{mean:.2f}" + (f"{sep}{std:.2f}" if std is not None else "")
+    delta = metric.startswith("vl_delta")
+    text = f"{100 * mean:+.1f}" if delta else f"{100 * mean:.1f}%"
+    return text + (f"{sep}{100 * std:.1f}" if std is not None else "")
 
 
 def failure_text(row: dict[str, Any]) -> str:

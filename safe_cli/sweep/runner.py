@@ -16,12 +16,12 @@ from .manifest import Manifest
 from .state import log_path, record_start
 
 
-def train_command(out: Path, manifest: Manifest, run: Run, python: Optional[str] = None) -> list[str]:
+def train_command(out: Path, profile: str, overrides: list[str], run: Run, python: Optional[str] = None) -> list[str]:
     """Always --resume: a run that never started begins at step 0, an interrupted one continues."""
     command = [python or sys.executable, "-m", "safe_cli", "train", "--stage", run.stage,
                "--variant", run.variant, "--seed", str(run.seed), "--run-dir", str(run_root(out, run.cell)),
-               "--profile", manifest.profile, "--resume"]
-    for item in manifest.train_overrides:
+               "--profile", profile, "--resume"]
+    for item in overrides:
         command += ["--set", item]
     return command
 
@@ -48,7 +48,7 @@ def start(out: Path, manifest: Manifest, run: Run, lock_fd: int, invocation: str
           threads: Optional[int] = None, die_with_parent: bool = True,
           command: Optional[list[str]] = None, **extra) -> subprocess.Popen:
     """Launch the run with its output appended to its log; record it as running."""
-    command = command or train_command(out, manifest, run)
+    command = command or train_command(out, manifest.profile, manifest.train_overrides, run)
     log = log_path(out, run)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as handle:

@@ -63,6 +63,13 @@ def python_command(config: SlurmConfig) -> str:
     return config.python or sys.executable
 
 
+def _command(head: list[str], options: list[tuple[str, str]], tail: str) -> str:
+    """A shell command, every word quoted, one option per line."""
+    lines = [" ".join(shlex.quote(w) for w in head)]
+    lines += [f"{option} {shlex.quote(value)}" for option, value in options]
+    return " \\\n    ".join(lines + [tail])
+
+
 def stage_script(out: Path, manifest: Manifest, config: SlurmConfig, stage: str, grid: list[Cell],
                  depends: bool) -> str:
     """The array script of one stage; array task i trains grid[i]."""
@@ -70,8 +77,8 @@ def stage_script(out: Path, manifest: Manifest, config: SlurmConfig, stage: str,
     logs = out / SLURM_DIR / f"slurm-{stage}-%A_%a.out"
     lines = ["#!/bin/bash",
              f"# Written by `safe sweep --slurm`: stage {stage} of the sweep in {out},",
-             f"# one array task per variant x seed ({len(grid)} tasks). Profile {manifest.profile!r}"
-             + (f", overrides: {' '.join(manifest.overrides)}" if manifest.overrides else "") + "."]
+             f"# one array task per variant x seed ({len(grid)} tasks); `safe sweep run-task` runs `safe train`",
+             "# with the options it is given and records the run's state in the sweep folder."]
     if depends:
         lines.append(f"# Submitted with --dependency=aftercorr:<stage {prerequisite(stage)} job>: task i starts "
                      f"when task i of stage {prerequisite(stage)} succeeded.")
@@ -87,7 +94,9 @@ def stage_script(out: Path, manifest: Manifest, config: SlurmConfig, stage: str,
     lines += [f"  {shlex.quote(f'{cell.variant} {cell.seed}')}  # task {i}" for i, cell in enumerate(grid)]
     lines += [")", 'read -r VARIANT SEED <<< "${cells[$SLURM_ARRAY_TASK_ID]}"']
     lines += _setup(config)
-    run = [python_command(config), "-m", "safe_cli", "sweep", "run-task", str(out), "--stage", stage]
+    head = [python_command(config), "-m", "safe_cli", "sweep", "run-task", str(out)]
+    options = [("--stage", stage), ("--profile", manifest.profile)]
+    options += [("--set", item) for item in manifest.train_overrides]
     lines += [
         "",
         'echo "== $(date -Is) $SLURM_JOB_ID (array ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}, '
@@ -97,7 +106,7 @@ def stage_script(out: Path, manifest: Manifest, config: SlurmConfig, stage: str,
         "# run, which saves a checkpoint and exits, then put the task back in the queue; it resumes.",
         "requeue=0",
         "trap 'requeue=1; kill -USR1 \"$pid\" 2>/dev/null' USR1",
-        " ".join(shlex.quote(part) for part in run) + ' --variant "$VARIANT" --seed "$SEED" &',
+        _command(head, options, '--variant "$VARIANT" --seed "$SEED" &'),
         "pid=$!",
         'wait "$pid"; rc=$?',
         "# wait returns early when the trap ran: wait again for the run's own exit code.",

@@ -18,7 +18,9 @@ from .grid import Cell, Run, finished, prerequisite
 from .manifest import require
 
 
-def run_task(out: Path, stage: str, variant: str, seed: int, say: Callable[[str], None] = print) -> int:
+def run_task(out: Path, stage: str, variant: str, seed: int, profile: str, overrides: list[str],
+             say: Callable[[str], None] = print) -> int:
+    """Train one run with the profile and overrides the batch script names (it shows them in full)."""
     out = Path(out)
     manifest = require(out)
     run = Run(Cell(variant, seed), stage)
@@ -41,7 +43,8 @@ def run_task(out: Path, stage: str, variant: str, seed: int, say: Callable[[str]
         slurm = {key: os.environ.get(env) for key, env in (
             ("slurm_job", "SLURM_JOB_ID"), ("slurm_array_job", "SLURM_ARRAY_JOB_ID"),
             ("slurm_array_task", "SLURM_ARRAY_TASK_ID"), ("slurm_restarts", "SLURM_RESTART_COUNT"))}
-        process = runner.start(out, manifest, run, fd, uuid.uuid4().hex[:12], mode="slurm", **slurm)
+        command = runner.train_command(out, profile, overrides, run)
+        process = runner.start(out, manifest, run, fd, uuid.uuid4().hex[:12], command=command, mode="slurm", **slurm)
         say(f"{run.name}: training (pid {process.pid}), log {state.log_path(out, run)}")
         received: list[str] = []
 
