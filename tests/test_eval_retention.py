@@ -223,7 +223,10 @@ def test_an_identity_adapter_passes_the_gate(run, base_answered_manifest, tmp_pa
     assert [s["file"].endswith("broken.wav") for s in report["skipped"]] == [True]
     assert table[("audio/tone", True)]["n"] == 8
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.json", "report.md", "deltas.png",
-                                                               "accuracy.png"}
+                                                               "accuracy.png", "pareto.png"}
+    # Stage A has no policy: SAFE is always-max, and the always-k / oracle points come with it.
+    assert report["strategy"] == "always-12" and report["efficiency"]["relative_audio_compute"] == 1.0
+    assert {p["strategy"] for p in report["strategies"]} == {"always-0", "always-4", "always-8", "always-12", "oracle"}
     assert (tmp_path / "out" / "deltas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "**Verdict: pass**" in (tmp_path / "out" / "report.md").read_text()
 

@@ -171,10 +171,13 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(cache, t
 
 def test_cli_errors_are_clean(cache, tmp_path):
     env = dict(os.environ, SAFE_CACHE_DIR=str(cache), SAFE_NO_PROGRESS="1")
-    result = subprocess.run([sys.executable, "-m", "safe_cli", "train", "--stage", "b"], env=env,
+    result = subprocess.run([sys.executable, "-m", "safe_cli", "train", "--stage", "d"], env=env,
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert result.returncode == 2 and "only stage a (alignment) is built" in result.stderr
+    assert result.returncode == 2 and "unknown stage 'd'; choose a, b or c" in result.stderr
     assert "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "safe_cli", "train", "--stage", "b", "--run-dir", "nowhere"],
+                            env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "has no finished Stage A" in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run([sys.executable, "-m", "safe_cli", "train", "--help"], env=env,
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0 and "safe train --stage a --variant soft_retention" in result.stdout

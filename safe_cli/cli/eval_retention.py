@@ -48,7 +48,8 @@ def eval_retention(
     """Compare the frozen base and SAFE on the same examples, task by task, with paired statistics.
 
     Every task of the profile's test split (or of the --data manifests) is answered by the base
-    (never hearing audio) and by SAFE (the example's clip at the largest token budget). VL and
+    (never hearing audio) and by SAFE as deployed: budgets from the run's distilled gate (Stage
+    C) if it has one, else its policy (Stage B), else the largest budget for every clip. VL and
     text questions are asked without audio and with a distractor clip. Per task: n, both
     accuracies, the delta, a 95% paired bootstrap interval, and McNemar's exact p-value.
 
@@ -59,7 +60,13 @@ def eval_retention(
     Bypass check: every audio-free example is batched with a copy of itself that carries a clip;
     the audio-free rows' logits must equal the base's own forward bit for bit (max |Δ logit| = 0).
 
-    Writes report.json (schema safe.retention-report/1), report.md, deltas.png and accuracy.png.
+    Efficiency: every example is answered at every budget once, so always-k, the oracle (audio
+    only where the question needs it), the policy and the gate (at its threshold and at 0.05-0.95)
+    are compared on accuracy and relative audio compute (FLOPs of encoder + fusion, from the
+    model's dimensions, over always-max); report.json "efficiency" is SAFE's as deployed.
+
+    Writes report.json (schema safe.retention-report/1), report.md, deltas.png, accuracy.png and
+    pareto.png.
 
     Exit codes: 0 done (with --fail-on-regression: no regression and an exact bypass); 1 a
     regression or a non-exact bypass with --fail-on-regression; 2 bad input.
@@ -70,14 +77,19 @@ def eval_retention(
 
         safe eval-retention runs/avdigits/full_retention/seed-0/stage-a --fail-on-regression --out reports/full
 
+        safe eval-retention runs/demo/soft_retention/seed-0/stage-b
+
         safe eval-retention run/stage-a/checkpoints/step-000250 --data my_eval.jsonl --max-examples 200
     """
     from ..data.batches import PromptBatcher
     from ..evaluation import data as eval_data
     from ..evaluation.outputs import write_report
     from ..evaluation.retention import build_report, summary_line, task_label
-    from ..evaluation.runs import load_trained_model, locate
+    from ..evaluation.runs import load_decider, load_trained_model, locate
     from ..models.builder import resolve_device
+    from ..rl.cost import AudioCostModel
+    from ..rl.state import CLIP_FEATURES
+    from .train import strategy_table
 
     trained = locate(run)
     resolved = load_profile(profile or str(trained.profile_path), set_ or [])
@@ -92,17 +104,18 @@ def eval_retention(
         dataset = eval_data.profile_data(resolved, rate, model.audio_encoder)
     if not dataset.pool.examples:
         raise SafeError(f"--data: no usable examples ({len(dataset.skipped)} unreadable file(s))")
-    budgets = [b for b in resolved.policy.token_budgets if b > 0]
+    budgets = list(resolved.policy.token_budgets)
+    decider = load_decider(trained, model.base.hidden_size + len(CLIP_FEATURES), resolved)
+    cost_model = AudioCostModel.for_model(model, resolved.fusion.lora_rank, max(budgets))
     context = {
         "profile": resolved.name, "variant": trained.variant, "seed": trained.seed, "stage": trained.stage,
         "weights": str(trained.weights_path), "step": trained.step, "base_fingerprint": model.base_fingerprint(),
         "data": dataset.description, "skipped": dataset.skipped,
     }
     report = build_report(
-        model, PromptBatcher(model.base), dataset.pool, budget=max(budgets), max_budget=max(budgets),
-        tolerance=tolerance, significance=evaluation.significance, bootstrap_samples=evaluation.bootstrap_samples,
+        model, PromptBatcher(model.base), dataset.pool, budgets=budgets, cost_model=cost_model, tolerance=tolerance, significance=evaluation.significance, bootstrap_samples=evaluation.bootstrap_samples,
         batch_size=batch_size or evaluation.batch_size, max_examples=max_examples or evaluation.max_examples,
-        seed=seed, context=context,
+        seed=seed, context=context, **decider,
     )
     default_out = trained.stage_dir / "eval-retention"
     if trained.step is not None:
@@ -125,9 +138,12 @@ def eval_retention(
                 style="bold red" if row["regressed"] else None,
             )
         console.print(table)
+        console.print(strategy_table("accuracy and audio compute on the examples with a clip",
+                                     [p for p in report["strategies"] if p["kind"] != "gate-curve"]))
         console.print(dataset.description)
         console.print(Text(summary_line(report), style="green" if report["verdict"] == "pass" else "bold red"))
-        console.print(f"report: {paths['report.md']} (+ report.json, deltas.png, accuracy.png)")
+        console.print(f"SAFE's budgets: {report['strategy']}; report: {paths['report.md']} "
+                      "(+ report.json, deltas.png, accuracy.png, pareto.png)")
     if dataset.skipped:
         err_console.print(f"skipped {len(dataset.skipped)} unreadable file(s); listed in report.json under 'skipped'")
     if fail_on_regression and report["verdict"] != "pass":

@@ -316,7 +316,7 @@ class StageCConfig(Section):
         "accuracy", description="What the gate's threshold is calibrated for on the validation examples."
     )
     target_value: float = Field(
-        0.99, gt=0, le=1, description="accuracy: keep at least this fraction of the policy's accuracy with the "
+        1.0, gt=0, le=1, description="accuracy: keep at least this fraction of the policy's accuracy with the "
         "fewest examples given audio; audio_usage: give audio to about this fraction of examples with a clip."
     )
     steps: int = Field(200, ge=1, description="Distillation steps.")

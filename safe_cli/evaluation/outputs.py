@@ -5,6 +5,8 @@ Plots (matplotlib, Agg backend: no display needed on a cluster node):
     deltas.png    per task, SAFE minus base accuracy in points with its 95% paired bootstrap
                   interval; the tolerance band shaded; regressed tasks in red
     accuracy.png  base and SAFE accuracy side by side per task
+    pareto.png    accuracy on the examples with a clip against relative audio compute, for
+                  always-k, the oracle, the learned policy and the gate (its threshold curve)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 DELTAS_PNG = "deltas.png"
 ACCURACY_PNG = "accuracy.png"
+PARETO_PNG = "pareto.png"
 
 KIND_COLOURS = {"vl": "#1f77b4", "text": "#2ca02c", "audio": "#9467bd", "av": "#ff7f0e"}
 REGRESSED = "#d62728"
@@ -43,7 +46,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- Weights: `{report.get('weights', '')}`" + (f" (step {report['step']})" if report.get("step") else ""),
         f"- Data: {report.get('data', '')}",
-        f"- Audio budget: {report['budget']} tokens for every example with a clip; base answers never hear audio",
+        f"- SAFE's budgets: {STRATEGY_TEXT.get(report['strategy'], report['strategy'])}; base answers never hear audio",
         f"- Rule: {report['rule']} (tolerance {100 * report['tolerance']:.1f} points, "
         f"significance {report['significance']})",
         f"- Bypass: {'bit-exact' if bypass['bit_exact'] else '**NOT bit-exact**'}, max |Δ logit| "
@@ -58,17 +61,32 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_points(row['delta'])} | {_ci(row)} | {row['p_value']:.3g} | {'**yes**' if row['regressed'] else 'no'} |"
         )
     efficiency = report["efficiency"]
-    relative = efficiency["relative_audio_compute"]
     lines += [
         "",
         f"Efficiency ({efficiency['policy']}): audio encoder on {100 * efficiency['audio_usage_rate']:.0f}% of "
         f"examples with a clip, mean budget {efficiency['mean_token_budget']:.1f} tokens, relative audio compute "
-        f"{'–' if relative is None else f'{relative:.2f}'}.",
+        f"{efficiency['relative_audio_compute']:.2f} (FLOPs of encoder + fusion over always-max).",
+        "",
+        "| strategy | accuracy (with a clip) | audio questions | distractor questions | audio usage | mean k "
+        "| relative compute |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    for point in report.get("strategies", []):
+        lines.append(
+            f"| {point['strategy']} | {100 * point['accuracy']:.1f}% | {100 * point['audio_accuracy']:.1f}% "
+            f"| {100 * point['retention_accuracy']:.1f}% | {100 * point['audio_usage_rate']:.1f}% "
+            f"| {point['mean_token_budget']:.1f} | {point['relative_audio_compute']:.3f} |"
+        )
     if report.get("skipped"):
         lines += ["", f"Skipped {len(report['skipped'])} unreadable file(s):", ""]
         lines += [f"- `{entry['file']}`: {entry['reason']}" for entry in report["skipped"][:50]]
     return "\n".join(lines) + "\n"
+
+
+STRATEGY_TEXT = {
+    "gate": "the distilled gate's (Stage C) at its calibrated threshold",
+    "policy": "the Stage B policy's most likely budget",
+}
 
 
 def _save_figure(figure, path: Path) -> None:
@@ -129,11 +147,46 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
     _save_figure(figure, path)
 
 
+STRATEGY_STYLE = {"fixed": ("s", "#555555"), "oracle": ("*", "#2ca02c"), "policy": ("D", "#9467bd"),
+                  "gate": ("o", "#d62728")}
+
+
+def plot_pareto(report: dict[str, Any], path: Path) -> None:
+    """Accuracy (examples with a clip) against relative audio compute, one point per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = report.get("strategies", [])
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    curve = sorted((p for p in points if p["kind"] == "gate-curve"), key=lambda p: p["relative_audio_compute"])
+    if curve:
+        axes.plot([p["relative_audio_compute"] for p in curve], [100 * p["accuracy"] for p in curve], "-",
+                  color="#d62728", alpha=0.4, marker=".", label="gate, thresholds 0.05-0.95")
+    for point in points:
+        if point["kind"] == "gate-curve":
+            continue
+        marker, colour = STRATEGY_STYLE.get(point["kind"], ("o", "grey"))
+        axes.plot(point["relative_audio_compute"], 100 * point["accuracy"], marker, color=colour, markersize=8)
+        axes.annotate(point["strategy"], (point["relative_audio_compute"], 100 * point["accuracy"]),
+                      textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_xlabel("relative audio compute (FLOPs of encoder + fusion / always-max)")
+    axes.set_ylabel("accuracy on examples with a clip (%)")
+    axes.set_xlim(-0.05, 1.1)
+    axes.grid(alpha=0.3)
+    if curve:
+        axes.legend(loc="lower right", fontsize=8)
+    axes.set_title("accuracy vs audio compute")
+    _save_figure(figure, path)
+
+
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: out_dir / name for name in (REPORT_JSON, REPORT_MD, DELTAS_PNG, ACCURACY_PNG)}
+    paths = {name: out_dir / name for name in (REPORT_JSON, REPORT_MD, DELTAS_PNG, ACCURACY_PNG, PARETO_PNG)}
     plot_deltas(report, paths[DELTAS_PNG])
     plot_accuracy(report, paths[ACCURACY_PNG])
+    plot_pareto(report, paths[PARETO_PNG])
     atomic_write_text(paths[REPORT_MD], markdown(report))
     write_json(paths[REPORT_JSON], report)  # last: its presence means the report is complete
     return paths

@@ -1,7 +1,8 @@
 """The retention report: per-task paired statistics, the bypass check, a verdict.
 
-Every example is answered by the frozen base (no audio) and by SAFE (the example's clip at the
-evaluation budget; rows without a clip get budget 0). SAFE on a row without a clip runs no
+Every example is answered by the frozen base (no audio) and by SAFE as deployed (the example's
+clip at the budget the gate, the policy or, without either, the largest budget gives it; rows
+without a clip get budget 0). SAFE on a row without a clip runs no
 audio path at all, so its answers there are the base's by construction; what could still go
 wrong is a *leak* from other rows of a batch, and that is what the bypass check measures: every
 audio-free example is batched together with a copy of itself that does carry a clip, and the
@@ -22,7 +23,8 @@ from ..models.probe import probe_audio
 from ..progress import progress_bar
 from ..training.batches import ExamplePool
 from .stats import REGRESSION_RULE, compare, is_regression
-from .tasks import TaskResult, evaluate
+from .strategies import answer_at_every_budget, compare_strategies, strategy_tasks
+from .tasks import TaskResult
 
 SCHEMA = "safe.retention-report/1"
 
@@ -96,30 +98,23 @@ def task_rows(results: list[TaskResult], tolerance: float, significance: float, 
     return sorted(rows, key=lambda r: (order.get(r["kind"], 9), r["task"], r["with_audio"]))
 
 
-def efficiency(pool: ExamplePool, budget: int, max_budget: int) -> dict[str, Any]:
-    """Audio compute of a fixed budget: every example with a clip runs the encoder at ``budget`` tokens.
-
-    Relative compute is normalised to always-max-budget, so a fixed maximum budget is 1.0 by
-    definition; learned policies (Stage B) report their own from the cost model.
-    """
-    with_clip = [e for e in pool.examples if e.clip is not None]
-    return {
-        "policy": f"always-{budget}",
-        "audio_usage_rate": 1.0 if with_clip and budget > 0 else 0.0,
-        "mean_token_budget": float(budget) if with_clip else 0.0,
-        "relative_audio_compute": 1.0 if budget == max_budget and with_clip else None,
-        "examples_with_audio": len(with_clip),
-    }
-
-
-def build_report(model, batcher, pool: ExamplePool, *, budget: int, max_budget: int, tolerance: float,
+def build_report(model, batcher, pool: ExamplePool, *, budgets: list[int], cost_model, tolerance: float,
                  significance: float, bootstrap_samples: int, batch_size: int, max_examples: Optional[int],
-                 seed: int = 0, context: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    results = evaluate(model, batcher, pool, budget, batch_size, max_examples, description="base vs SAFE")
+                 seed: int = 0, context: Optional[dict[str, Any]] = None, policy=None, normalizer=None,
+                 gate=None) -> dict[str, Any]:
+    """Base vs SAFE as deployed: with the gate when there is one, else the policy, else always the
+    largest budget. Every example is answered at every budget once (``strategies.py``), so the
+    report also places always-k, the oracle, the policy and the gate on one accuracy/compute plot.
+    """
+    answers = answer_at_every_budget(model, batcher, pool, budgets, cost_model, batch_size, max_examples,
+                                     description="base vs SAFE at every budget")
+    points, deployed, chosen = compare_strategies(answers, policy, normalizer, gate)
+    results = strategy_tasks(answers, chosen)
     tasks = task_rows(results, tolerance, significance, bootstrap_samples, seed)
-    bypass = check_bypass_on_examples(model, batcher, pool, budget, batch_size, max_examples, seed)
+    bypass = check_bypass_on_examples(model, batcher, pool, max(budgets), batch_size, max_examples, seed)
     regressions = [task_label(t) for t in tasks if t["regressed"]]
     verdict = "pass" if not regressions and bypass.bit_exact else "regression"
+    point = next(p for p in points if p["strategy"] == deployed)
     return {
         "schema": SCHEMA,
         **(context or {}),
@@ -128,10 +123,13 @@ def build_report(model, batcher, pool: ExamplePool, *, budget: int, max_budget: 
         "rule": REGRESSION_RULE,
         "verdict": verdict,
         "regressions": regressions,
-        "budget": budget,
+        "strategy": deployed,
         "tasks": tasks,
         "bypass": bypass.to_dict(),
-        "efficiency": efficiency(pool, budget, max_budget),
+        "efficiency": {"policy": deployed, **{k: point[k] for k in (
+            "audio_usage_rate", "mean_token_budget", "relative_audio_compute", "examples_with_audio",
+            "accuracy", "audio_accuracy", "retention_accuracy")}},
+        "strategies": points,
         "examples": [{"task": r.task, "with_audio": r.with_audio, "base_answers": r.base_answers,
                       "safe_answers": r.safe_answers, "base_correct": r.base_correct,
                       "safe_correct": r.safe_correct} for r in results],

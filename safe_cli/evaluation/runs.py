@@ -7,6 +7,10 @@
                                                              its latest checkpoint
     runs/demo/soft_retention/seed-0/stage-a/checkpoints/step-000200/   one checkpoint
 
+Stage B and C folders (and Stage B checkpoints) add what decides the budgets: the policy
+(``policy.safetensors``) or the gate (``gate.json`` + ``gate.safetensors``); the projector and
+adapters are Stage B's when it tuned them, else Stage A's.
+
 The stage's ``profile.yaml`` says how the model was built; the base is loaded from it and its
 fingerprint compared with the one the run recorded, so adapters are never evaluated on a base
 they were not trained on.
@@ -27,7 +31,10 @@ from ..foundation.prepare import load_prepared_models
 from ..models.builder import build_trainable
 from ..models.safe_model import SAFEModel
 from ..training import run_dir as layout
+from ..rl.gate import CONFIG_FILE as GATE_CONFIG
 from ..training.checkpoint import META, WEIGHTS, latest_checkpoint, load_weights_into
+
+POLICY_WEIGHTS = "policy.safetensors"  # training/stage_b.py writes it (importing that module here would loop)
 
 ARGUMENT = "RUN_OR_CKPT_DIR"
 
@@ -41,6 +48,9 @@ class TrainedWeights:
     base_fingerprint: Optional[str]
     variant: Optional[str]
     seed: Optional[int]
+    policy_path: Optional[Path] = None  # safetensors with policy.* and normalizer.* (Stage B)
+    gate_dir: Optional[Path] = None  # a distilled gate (Stage C)
+    weights_prefix: str = ""  # "model." when the weights sit inside a Stage B checkpoint
 
     @property
     def profile_path(self) -> Path:
@@ -61,6 +71,17 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _model_weights(stage_dir: Path) -> Path:
+    """Stage B's tuned adapters when it wrote them, else the run's Stage A weights."""
+    tuned = stage_dir / layout.FINAL_WEIGHTS
+    if tuned.is_file():
+        return tuned
+    stage_a = layout.stage_dir(stage_dir.parent, "a") / layout.FINAL_WEIGHTS
+    if not stage_a.is_file():
+        raise SafeError(f"{ARGUMENT}: {stage_dir} needs the run's Stage A weights, but {stage_a} is missing")
+    return stage_a
+
+
 def _from_stage(stage_dir: Path) -> TrainedWeights:
     latest = latest_checkpoint(stage_dir)
     final = stage_dir / layout.FINAL_WEIGHTS
@@ -68,6 +89,24 @@ def _from_stage(stage_dir: Path) -> TrainedWeights:
     summary = _read_json(stage_dir / layout.SUMMARY_FILE)
     fingerprint_file = stage_dir / layout.FINGERPRINT_FILE
     fingerprint = fingerprint_file.read_text().strip() if fingerprint_file.is_file() else meta.get("base_fingerprint")
+    stage = _stage_of(stage_dir)
+    variant, seed = summary.get("variant", meta.get("variant")), summary.get("seed", meta.get("seed"))
+    if stage == "c":
+        if not (stage_dir / GATE_CONFIG).is_file():
+            raise SafeError(f"{ARGUMENT}: {stage_dir} holds no gate yet ({GATE_CONFIG} missing); run "
+                            "`safe distill-policy` on the run")
+        gate = _read_json(stage_dir / GATE_CONFIG)
+        return TrainedWeights(stage_dir, "c", _model_weights(layout.stage_dir(stage_dir.parent, "b")), None,
+                              fingerprint, gate.get("variant", variant), gate.get("seed", seed), gate_dir=stage_dir)
+    if stage == "b":
+        policy = stage_dir / POLICY_WEIGHTS
+        if policy.is_file():
+            return TrainedWeights(stage_dir, "b", _model_weights(stage_dir), None, fingerprint, variant, seed,
+                                  policy_path=policy)
+        if latest is None:
+            raise SafeError(f"{ARGUMENT}: {stage_dir} holds no policy yet (no {POLICY_WEIGHTS} and no complete "
+                            f"checkpoint under {layout.CHECKPOINTS}/)")
+        return _from_stage_b_checkpoint(stage_dir, latest.path, latest.meta)
     if final.is_file():
         path, step = final, None
     elif latest is not None:
@@ -75,8 +114,18 @@ def _from_stage(stage_dir: Path) -> TrainedWeights:
     else:
         raise SafeError(f"{ARGUMENT}: {stage_dir} holds no trained weights yet (no {layout.FINAL_WEIGHTS} and no "
                         f"complete checkpoint under {layout.CHECKPOINTS}/)")
-    return TrainedWeights(stage_dir, _stage_of(stage_dir), path, step, fingerprint,
-                          summary.get("variant", meta.get("variant")), summary.get("seed", meta.get("seed")))
+    return TrainedWeights(stage_dir, stage, path, step, fingerprint, variant, seed)
+
+
+def _from_stage_b_checkpoint(stage_dir: Path, checkpoint: Path, meta: dict) -> TrainedWeights:
+    """A Stage B checkpoint holds the policy, and the adapters (model.*) only when it tuned them."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / WEIGHTS), "pt") as handle:
+        tuned = any(key.startswith("model.") for key in handle.keys())
+    weights = checkpoint / WEIGHTS if tuned else _model_weights(stage_dir)
+    return TrainedWeights(stage_dir, "b", weights, meta.get("step"), meta.get("base_fingerprint"), meta.get("variant"),
+                          meta.get("seed"), policy_path=checkpoint / WEIGHTS, weights_prefix="model." if tuned else "")
 
 
 def locate(path: Union[str, Path]) -> TrainedWeights:
@@ -92,6 +141,8 @@ def locate(path: Union[str, Path]) -> TrainedWeights:
             raise SafeError(f"{ARGUMENT}: {path} looks like a checkpoint, but {stage_dir / layout.PROFILE_FILE} "
                             "(how the model was built) is missing")
         meta = _read_json(path / META)
+        if _stage_of(stage_dir) == "b":
+            return _from_stage_b_checkpoint(stage_dir, path, meta)
         return TrainedWeights(stage_dir, _stage_of(stage_dir), path / WEIGHTS, meta.get("step"),
                               meta.get("base_fingerprint"), meta.get("variant"), meta.get("seed"))
     if (path / layout.PROFILE_FILE).is_file():
@@ -122,5 +173,34 @@ def load_trained_model(trained: TrainedWeights, profile: Profile, device: Union[
         weights = load_file(str(trained.weights_path), device=str(device))
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise SafeError(f"{trained.weights_path}: cannot read the trained weights: {exc}") from None
+    if trained.weights_prefix:
+        prefix = trained.weights_prefix
+        weights = {name[len(prefix):]: t for name, t in weights.items() if name.startswith(prefix)}
     load_weights_into(dict(model.trainable_named_parameters()), weights, trained.weights_path)
     return model.eval()
+
+
+def load_decider(trained: TrainedWeights, state_dim: int, profile: Profile) -> dict:
+    """What picks the budgets: the gate and/or the policy (with its normalizer), or nothing (always-max)."""
+    decider: dict = {}
+    policy_path = trained.policy_path
+    if trained.gate_dir is not None:  # the policy it was distilled from is drawn beside it on the Pareto plot
+        candidate = layout.stage_dir(trained.gate_dir.parent, "b") / POLICY_WEIGHTS
+        policy_path = candidate if candidate.is_file() else None
+    if policy_path is not None:
+        from ..training.stage_b import load_policy
+
+        policy, normalizer = load_policy(policy_path, state_dim, profile)
+        decider.update(policy=policy, normalizer=normalizer)
+    if trained.gate_dir is not None:
+        from ..rl.gate import AudioGate, GateError
+
+        try:
+            gate = AudioGate.load(trained.gate_dir)
+        except GateError as exc:
+            raise SafeError(str(exc)) from None
+        if gate.state_dim != state_dim:
+            raise SafeError(f"{trained.gate_dir / GATE_CONFIG}: state_dim {gate.state_dim}, but this base gives "
+                            f"{state_dim}; the gate was made for another base")
+        decider["gate"] = gate
+    return decider

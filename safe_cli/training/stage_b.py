@@ -44,7 +44,7 @@ from ..config.schema import Profile
 from ..data.avdigits import task_needs
 from ..data.batches import PromptBatcher
 from ..errors import RunFailed, SafeError
-from ..evaluation.runs import load_trained_model, locate
+from ..evaluation.runs import POLICY_WEIGHTS, load_trained_model, locate
 from ..evaluation.strategies import answer_at_every_budget, compare_strategies, strategy_tasks
 from ..evaluation.tasks import TaskResult
 from ..models.builder import resolve_device
@@ -59,7 +59,6 @@ from .lifecycle import StopSignals, open_stage_dir, peak_memory_mb, prepare_stag
 from .retention import distillation_kl
 from .stage_a import AUDIO_INPUTS, resolve_variant
 
-POLICY_WEIGHTS = "policy.safetensors"
 # What must not change between Stage A and Stage B: it defines the model the policy drives.
 MODEL_SECTIONS = ("base", "audio_encoder", "projector", "fusion", "data")
 
@@ -328,7 +327,7 @@ class StageBTrainer:
                   "entropy": float(entropy.detach()), "value_loss": float(value_loss.detach())}
 
         self.optimizer.zero_grad(set_to_none=True)
-        finite = math.isfinite(float(loss))
+        finite = math.isfinite(float(loss.detach()))
         if self.adapter_optimizer is not None:
             adapter_loss = self._adapter_loss(output.logits, labels, teacher, budgets, is_retention)
             record["adapter_loss"] = float(adapter_loss.detach())

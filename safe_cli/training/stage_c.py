@@ -118,8 +118,7 @@ class StageCDistiller:
 
     def build(self) -> None:
         profile = self.profile
-        tuned = self.stage_b_dir / layout.FINAL_WEIGHTS
-        trained = locate(self.stage_b_dir if tuned.is_file() else self.stage_a_dir)
+        trained = locate(self.stage_b_dir)  # Stage B's tuned adapters if it wrote them, else Stage A's
         self.model = load_trained_model(trained, profile, self.device)
         self.batcher = PromptBatcher(self.model.base)
         self.base_fingerprint = self.model.base_fingerprint()
@@ -163,7 +162,7 @@ class StageCDistiller:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                advance(bce=f"{float(loss):.3f}")
+                advance(bce=f"{float(loss.detach()):.3f}")
         self.distill_agreement = float(((gate.probability(inputs.features) >= 0.5) == (target >= 0.5)).float().mean())
         return gate.eval()
 
