@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from . import state
-from .grid import expand
+from .grid import expand, prerequisite
 from .manifest import Manifest
 from .slurm import latest_jobs, queue
 
@@ -37,6 +37,12 @@ def run_states(out: Path, manifest: Manifest) -> list[dict[str, Any]]:
                 shown = f"{state.INTERRUPTED} (its sweep process is gone)"
             elif last.get("mode") == "slurm" and live is not None and queued is None:
                 shown = "lost (its job ended without a record: see the slurm .out file)"
+        if shown == state.NOT_STARTED and queued is None:
+            before = prerequisite(run.stage)
+            earlier = next((r for r in rows if r["run"].cell == run.cell and r["run"].stage == before), None)
+            if earlier is not None and earlier["shown"].split(" ")[0] in (state.FAILED, state.BLOCKED):
+                shown = state.BLOCKED  # never ran (SLURM cancels it: --kill-on-invalid-dep) and never will
+                record = {**record, "message": f"stage {before} {earlier['shown'].split(' ')[0]}"}
         seconds = None
         if last.get("ended_unix") and last.get("started_unix"):
             seconds = last["ended_unix"] - last["started_unix"]
