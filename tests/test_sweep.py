@@ -356,3 +356,36 @@ def test_help_names_the_subcommands_and_examples(tmp_path):
     for text in ("status", "report", "--slurm", "--parallel", "Examples", "safe sweep status runs/sweep1"):
         assert text in result.stdout
     assert "run-task" not in result.stdout
+
+
+def test_sigterm_stops_the_sweep_and_records_runs_as_interrupted(tmp_path):
+    out, _ = _fake(tmp_path, seconds=30)
+    code = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from safe_cli.sweep import grid
+        from safe_cli.sweep.local import run_local
+        from safe_cli.sweep.manifest import Manifest
+        out = Path({str(out)!r})
+        m = Manifest(profile="demo", profile_name="demo", overrides=[], variants=["v1", "v2"], seeds=[1],
+                     stages=["a"], settings={{}})
+        command = lambda run: [sys.executable, {str(tmp_path / 'fake_train.py')!r}, str(grid.stage_path(out, run)),
+                               run.variant, "30"]
+        outcome = run_local(out, m, grid.expand(m.variants, m.seeds, m.stages), parallel=1, say=print,
+                            command=command)
+        print("interrupted" if outcome.interrupted else "finished", sorted(outcome.executed.items()), flush=True)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    path = out / "sweep-state" / "v1.seed-1.stage-a.json"
+    for _ in range(200):
+        if path.exists():
+            break
+        time.sleep(0.05)
+    began = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=20)
+    assert time.monotonic() - began < 10, "the sweep waited for the run instead of stopping it"
+    assert "interrupted [('v1.seed-1.stage-a', 'interrupted')]" in output, output
+    assert state.read(out, Run(Cell("v1", 1), "a"))["state"] == "interrupted"
+    assert not (out / "sweep-state" / "v2.seed-1.stage-a.json").exists()  # nothing new started
