@@ -235,3 +235,19 @@ def test_deploy_answer_gives_the_base_answer_where_the_gate_says_no_audio(full_r
     base_answers = generate_answers(model.base_model, batcher, queries, 8)
     assert never[0] == base_answers
     assert np.all(always[1].numpy() > 0)
+
+
+def test_readme_deployment_example_runs_as_written(full_run, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    run = full_run[0]
+    (tmp_path / "runs/demo/soft_retention").mkdir(parents=True)
+    (tmp_path / "runs/demo/soft_retention/seed-0").symlink_to(run)
+    monkeypatch.chdir(tmp_path)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "safe_cli.deploy" in b)
+    namespace = {"clip": np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)}
+    exec(compile(block, "README deployment example", "exec"), namespace)
+    assert len(namespace["texts"]) == 2 and namespace["budgets"].shape == (2,)
+    assert set(namespace["budgets"].tolist()) <= {0, namespace["gate"].budget_on}

@@ -88,7 +88,7 @@ def eval_retention(
     from ..evaluation.runs import load_decider, load_trained_model, locate
     from ..models.builder import resolve_device
     from ..rl.cost import AudioCostModel
-    from ..rl.state import CLIP_FEATURES
+    from ..rl.state import state_dim
     from .train import strategy_table
 
     trained = locate(run)
@@ -105,7 +105,7 @@ def eval_retention(
     if not dataset.pool.examples:
         raise SafeError(f"--data: no usable examples ({len(dataset.skipped)} unreadable file(s))")
     budgets = list(resolved.policy.token_budgets)
-    decider = load_decider(trained, model.base.hidden_size + len(CLIP_FEATURES), resolved)
+    decider = load_decider(trained, state_dim(model.base.hidden_size), resolved)
     cost_model = AudioCostModel.for_model(model, resolved.fusion.lora_rank, max(budgets))
     context = {
         "profile": resolved.name, "variant": trained.variant, "seed": trained.seed, "stage": trained.stage,
@@ -127,14 +127,16 @@ def eval_retention(
     else:
         table = Table(title=f"retention: {trained.variant or 'SAFE'} vs base; +clip = with a distractor clip",
                       box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in ("task", "n", "base", "SAFE", "Δ pt", "95% CI", "p", "reg"):
+        for column in ("task", "n", "base", "SAFE", "Δ pt", "95% CI", "p", "audio", "reg"):
             table.add_column(column, justify="left" if column == "task" else "right", no_wrap=True)
         for row in report["tasks"]:
             lo, hi = row["ci95"]
             table.add_row(
                 task_label(row, " +clip"), str(row["n"]), f"{row['base_accuracy']:.1%}", f"{row['safe_accuracy']:.1%}",
                 f"{100 * row['delta']:+.1f}", "–" if lo is None else f"{100 * lo:+.1f},{100 * hi:+.1f}",
-                f"{row['p_value']:.2g}", "YES" if row["regressed"] else "",
+                f"{row['p_value']:.2g}",
+                f"{row['audio_usage_rate']:.0%}" if row["with_audio"] and "audio_usage_rate" in row else "",
+                "YES" if row["regressed"] else "",
                 style="bold red" if row["regressed"] else None,
             )
         console.print(table)

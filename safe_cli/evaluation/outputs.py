@@ -36,6 +36,12 @@ def _ci(row: dict[str, Any]) -> str:
     return "–" if lo is None else f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
+def _usage(row: dict[str, Any]) -> str:
+    if not row["with_audio"] or "audio_usage_rate" not in row:
+        return "–"
+    return f"{100 * row['audio_usage_rate']:.0f}%"
+
+
 def markdown(report: dict[str, Any]) -> str:
     bypass = report["bypass"]
     lines = [
@@ -52,13 +58,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Bypass: {'bit-exact' if bypass['bit_exact'] else '**NOT bit-exact**'}, max |Δ logit| "
         f"{bypass['max_abs_logit_diff']:.3g} over {bypass['n']} budget-0 rows ({bypass['source']})",
         "",
-        "| task | n | base | SAFE | Δ (points) | 95% CI | McNemar p | regressed |",
-        "|---|---:|---:|---:|---:|---:|---:|:---:|",
+        "| task | n | base | SAFE | Δ (points) | 95% CI | McNemar p | audio used | regressed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for row in report["tasks"]:
         lines.append(
             f"| {task_label(row)} | {row['n']} | {100 * row['base_accuracy']:.1f}% | {100 * row['safe_accuracy']:.1f}% "
-            f"| {_points(row['delta'])} | {_ci(row)} | {row['p_value']:.3g} | {'**yes**' if row['regressed'] else 'no'} |"
+            f"| {_points(row['delta'])} | {_ci(row)} | {row['p_value']:.3g} "
+            f"| {_usage(row)} | {'**yes**' if row['regressed'] else 'no'} |"
         )
     efficiency = report["efficiency"]
     lines += [

@@ -94,6 +94,8 @@ def task_rows(results: list[TaskResult], tolerance: float, significance: float, 
             "discordant": {"base_only": stat.base_only, "safe_only": stat.safe_only},
             "regressed": is_regression(stat.delta, stat.p_value, tolerance, significance),
         })
+        if result.safe_budgets:  # how often SAFE spent audio on this task (a policy or gate decides)
+            rows[-1]["audio_usage_rate"] = sum(b > 0 for b in result.safe_budgets) / len(result.safe_budgets)
     order = {"vl": 0, "text": 1, "audio": 2, "av": 3}
     return sorted(rows, key=lambda r: (order.get(r["kind"], 9), r["task"], r["with_audio"]))
 
@@ -132,7 +134,7 @@ def build_report(model, batcher, pool: ExamplePool, *, budgets: list[int], cost_
         "strategies": points,
         "examples": [{"task": r.task, "with_audio": r.with_audio, "base_answers": r.base_answers,
                       "safe_answers": r.safe_answers, "base_correct": r.base_correct,
-                      "safe_correct": r.safe_correct} for r in results],
+                      "safe_correct": r.safe_correct, "safe_budgets": r.safe_budgets} for r in results],
     }
 
 

@@ -121,6 +121,7 @@ def strategy_tasks(answers: BudgetAnswers, chosen: np.ndarray) -> list[TaskResul
         result.safe_correct.append(bool(answers.correct[budget][row]))
         result.base_answers.append(answers.answers[0][row])
         result.safe_answers.append(answers.answers[budget][row])
+        result.safe_budgets.append(budget)
     return list(results.values())
 
 

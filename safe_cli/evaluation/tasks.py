@@ -27,6 +27,7 @@ class TaskResult:
     safe_correct: list[bool] = field(default_factory=list)
     base_answers: list[str] = field(default_factory=list)
     safe_answers: list[str] = field(default_factory=list)
+    safe_budgets: list[int] = field(default_factory=list)  # SAFE's token budget per example, when it varies
 
     @property
     def kind(self) -> str:

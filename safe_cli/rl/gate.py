@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .state import CLIP_FEATURES, StateNormalizer
+from .state import CLIP_FEATURES, QUESTION_BUCKETS, StateNormalizer
 
 SCHEMA = "safe.audio-gate/1"
 WEIGHTS_FILE = "gate.safetensors"
@@ -69,7 +69,9 @@ class AudioGate(nn.Module):
         return {
             "schema": SCHEMA, "state_dim": self.state_dim, "hidden_size": self.hidden_size,
             "budget_on": self.budget_on, "token_budgets": self.token_budgets, "threshold": self.threshold,
-            "state_features": {"base_hidden": self.state_dim - len(CLIP_FEATURES), "extra": list(CLIP_FEATURES)},
+            "state_features": {"base_hidden": ["last position", "mean over the prompt"],
+                               "base_hidden_size": (self.state_dim - QUESTION_BUCKETS - len(CLIP_FEATURES)) // 2,
+                               "question_buckets": QUESTION_BUCKETS, "extra": list(CLIP_FEATURES)},
             **self.metadata,
         }
 

@@ -51,7 +51,7 @@ from ..models.builder import resolve_device
 from ..progress import progress_bar
 from ..rl.cost import AudioCostModel
 from ..rl.policy import AudioPolicyNetwork
-from ..rl.state import CLIP_FEATURES, StateNormalizer, pool_policy_inputs
+from ..rl.state import StateNormalizer, pool_policy_inputs, state_dim
 from . import run_dir as layout
 from .batches import avdigits_pool, row_exact_match, training_batch
 from .checkpoint import check_fingerprint, latest_checkpoint, save_checkpoint
@@ -177,7 +177,7 @@ class StageBTrainer:
         self.test_pool = avdigits_pool(profile, "test", self.rate, encoder=self.model.audio_encoder)
 
         # The policy is tiny: it lives on the CPU, where the states are gathered.
-        self.state_dim = self.model.base.hidden_size + len(CLIP_FEATURES)
+        self.state_dim = state_dim(self.model.base.hidden_size)
         generator = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=generator)))
@@ -313,6 +313,8 @@ class StageBTrainer:
                                                      inputs.has_clip)])
         reward = score - cfg.alpha * cost + self.multiplier * is_retention.float() * score
         advantage = reward - actions.values.detach()
+        if cfg.normalize_advantages and advantage.numel() > 1:
+            advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-6)
         policy_loss = -(advantage * actions.log_probs).mean()
         value_loss = F.mse_loss(actions.values, reward)
         entropy = actions.entropy.mean()

@@ -41,7 +41,7 @@ from ..models.builder import resolve_device
 from ..progress import progress_bar
 from ..rl.cost import AudioCostModel
 from ..rl.gate import AudioGate
-from ..rl.state import CLIP_FEATURES, PolicyInputs, pool_policy_inputs
+from ..rl.state import PolicyInputs, pool_policy_inputs, state_dim
 from . import run_dir as layout
 from .batches import avdigits_pool
 from .lifecycle import open_stage_dir, peak_memory_mb
@@ -125,7 +125,7 @@ class StageCDistiller:
         self.rate = self.model.audio_encoder.sample_rate
         self.budgets = list(profile.policy.token_budgets)
         self.cost_model = AudioCostModel.for_model(self.model, profile.fusion.lora_rank, max(self.budgets))
-        self.state_dim = self.model.base.hidden_size + len(CLIP_FEATURES)
+        self.state_dim = state_dim(self.model.base.hidden_size)
         self.policy, self.normalizer = load_policy(self.stage_b_dir / POLICY_WEIGHTS, self.state_dim, profile)
 
     def _inputs(self, pool, examples, description: str) -> PolicyInputs:
