@@ -196,7 +196,7 @@ def _comparison_table(report) -> Table:
                          no_wrap=column == "variant")
     for row in report["rows"]:
         table.add_row(row["variant"], row["stage"], f"{row['done']}/{row['runs']}",
-                      *[fmt(key, row["metrics"][key], sep="\u00a0±\u00a0") for key in METRICS],
+                      *[fmt(key, row["metrics"][key]) for key in METRICS],
                       Text(failure_text(row), style="bold red" if row["failures"] else ""))
     return table
 
