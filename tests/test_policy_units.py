@@ -34,7 +34,7 @@ def test_log_probability_of_every_budget_including_zero_matches_a_hand_softmax()
         for row in range(4):
             row_logits = [float(v) for v in logits[row].detach()]
             hand = row_logits[action] - math.log(sum(math.exp(v) for v in row_logits))
-            assert float(out.log_probs[row]) == pytest.approx(hand, abs=1e-6)
+            assert float(out.log_probs[row].detach()) == pytest.approx(hand, abs=1e-6)
         assert out.budgets.tolist() == [budget] * 4
 
 
