@@ -177,7 +177,7 @@ FAKE_PYTHON = textwrap.dedent("""\
     # Stand-in for python: records its arguments; with SLOW=1 waits for USR1, then exits 1 like safe train.
     printf '%s\\n' "$@" > "$RECORD"
     if [ "${SLOW:-0}" = 1 ]; then
-      trap 'echo usr1 >> "$RECORD.signal"; exit 1' USR1
+      trap 'echo usr1 >> "$RECORD.signal"; sleep 1; echo saved >> "$RECORD.signal"; exit 1' USR1
       for _ in $(seq 100); do sleep 0.1; done
       exit 0
     fi
@@ -249,7 +249,8 @@ def test_usr1_is_forwarded_and_the_task_requeued(tmp_path):
     record = tmp_path / "args"
     calls = tmp_path / "scontrol.calls"
     scontrol = tmp_path / "bin" / "scontrol"
-    scontrol.write_text(f"#!/bin/bash\necho \"$@\" >> {calls}\n")
+    # Records its arguments and whether the run had finished saving when the requeue came.
+    scontrol.write_text(f"#!/bin/bash\necho \"$@\" $(tail -1 {record}.signal) >> {calls}\n")
     scontrol.chmod(0o755)
     env = dict(os.environ, SLURM_ARRAY_TASK_ID="1", SLURM_JOB_ID="77", SLURM_ARRAY_JOB_ID="70", RECORD=str(record),
                SLOW="1", PATH=f"{scontrol.parent}:{os.environ['PATH']}")
@@ -261,8 +262,8 @@ def test_usr1_is_forwarded_and_the_task_requeued(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGUSR1)  # what --signal=B:USR1 does: the batch shell only
     output, _ = process.communicate(timeout=30)
-    assert (tmp_path / "args.signal").read_text() == "usr1\n", output
-    assert calls.read_text().split() == ["requeue", "77"], output
+    assert (tmp_path / "args.signal").read_text() == "usr1\nsaved\n", output
+    assert calls.read_text().split() == ["requeue", "77", "saved"], output  # requeued after the run exited
     assert process.returncode == 0 and "requeueing 77" in output
 
 

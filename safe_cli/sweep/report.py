@@ -30,7 +30,8 @@ METRICS = {
     "vl_delta_with_audio": "VL Δ with audio",
     "relative_compute": "rel. compute",
 }
-FAILED_STATES = (state.FAILED, state.BLOCKED, state.INTERRUPTED)
+# Interrupted runs are not failures: a rerun (or SLURM's requeue) resumes them; "done k/n" shows them.
+FAILED_STATES = (state.FAILED, state.BLOCKED)
 
 
 def _weighted(tasks: list[dict], key: str, keep) -> Optional[float]:
