@@ -390,3 +390,23 @@ def test_sigterm_stops_the_sweep_and_records_runs_as_interrupted(tmp_path):
     assert "interrupted [('v1.seed-1.stage-a', 'interrupted')]" in output, output
     assert state.read(out, Run(Cell("v1", 1), "a"))["state"] == "interrupted"
     assert not (out / "sweep-state" / "v2.seed-1.stage-a.json").exists()  # nothing new started
+
+
+def test_a_finished_run_of_other_settings_is_not_counted_nor_built_upon(tmp_path):
+    out, command = _fake(tmp_path, seconds=0.1)
+    m = _manifest(variants=["v1", "v2"], seeds=[1], stages=["a", "b"])
+    for variant, steps in (("v1", 9), ("v2", 4)):  # v1's stage a was trained elsewhere with 9 steps
+        stage = grid.stage_path(out, Run(Cell(variant, 1), "a"))
+        stage.mkdir(parents=True)
+        (stage / "summary.json").write_text(json.dumps(_summary(0.5, 0.0)))
+        (stage / "profile.yaml").write_text(f"training:\n  stage_a:\n    steps: {steps}\nsweep:\n  parallel: 3\n")
+    outcome = run_local(out, m, grid.expand(m.variants, m.seeds, m.stages), say=lambda line: None, command=command)
+    assert outcome.skipped == ["v2.seed-1.stage-a"]  # same settings (its sweep section does not matter)
+    assert outcome.executed == {"v1.seed-1.stage-a": "failed", "v2.seed-1.stage-b": "done"}
+    assert outcome.blocked == ["v1.seed-1.stage-b"]
+    record = state.read(out, Run(Cell("v1", 1), "a"))
+    assert "training.stage_a.steps: 4 in the sweep, 9 in the run" in record["message"]
+    m.save(out)
+    rows = {(r["variant"], r["stage"]): r for r in report_mod.build(out, m)["rows"]}
+    assert rows[("v1", "a")]["done"] == 0 and rows[("v1", "a")]["failures"][0]["state"] == "failed"
+    assert rows[("v2", "a")]["done"] == 1

@@ -121,3 +121,29 @@ def stage_path(out: Path, run: Run) -> Path:
 def finished(out: Path, cell: Cell, stage: str) -> bool:
     """A stage finished when it wrote its summary (training writes it last, atomically)."""
     return (layout.stage_dir(run_root(out, cell), stage) / layout.SUMMARY_FILE).is_file()
+
+
+def foreign(out: Path, cell: Cell, stage: str, settings: dict) -> Optional[str]:
+    """Why a finished stage is not this sweep's (trained with other settings), or None.
+
+    A run folder may hold a run made by `safe train` or an older sweep; skipping it as finished
+    would put another experiment's numbers in this sweep's table.
+    """
+    import yaml
+
+    from .manifest import differences
+
+    saved = layout.stage_dir(run_root(out, cell), stage) / layout.PROFILE_FILE
+    if not settings or not saved.is_file():
+        return None
+    try:
+        profile = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        return f"{saved}: unreadable ({exc})"
+    profile.pop("sweep", None)
+    diff = differences(settings, profile, labels=("in the sweep", "in the run"))
+    if not diff:
+        return None
+    return (f"{saved}: finished with other settings than this sweep's ({'; '.join(diff[:3])}"
+            f"{'; ...' if len(diff) > 3 else ''}); move the folder away to retrain it here")
+

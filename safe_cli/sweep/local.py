@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import runner, state
-from .grid import Run, finished, prerequisite
+from .grid import Run, finished, foreign, prerequisite
 from .manifest import Manifest
 
 POLL_SECONDS = 0.2
@@ -117,6 +117,12 @@ def _start_ready(out, manifest, pending, active, outcome, parallel, threads, say
             return
         if finished(out, run.cell, run.stage):
             pending.remove(run)
+            reason = foreign(out, run.cell, run.stage, manifest.settings)
+            if reason:
+                state.record_foreign(out, run, reason)
+                outcome.executed[run.name] = state.FAILED
+                say(f"[{_count(outcome, total)}/{total}] failed: {run.name} ({reason})")
+                continue
             outcome.skipped.append(run.name)
             if state.read(out, run)["state"] != state.DONE:
                 state.write(out, run, {**state.read(out, run), "state": state.DONE, "exit_code": 0, "message": None})
@@ -125,11 +131,12 @@ def _start_ready(out, manifest, pending, active, outcome, parallel, threads, say
         if run.cell in busy_cells:
             continue
         before = prerequisite(run.stage)
-        if before is not None and not finished(out, run.cell, before):
+        if before is not None and (not finished(out, run.cell, before)
+                                   or foreign(out, run.cell, before, manifest.settings)):
             if any(r.cell == run.cell and r.stage == before for r in pending):
                 continue  # its previous stage is still to run in this sweep
             pending.remove(run)
-            reason = f"stage {before} of {run.cell.name} has not finished"
+            reason = f"stage {before} of {run.cell.name} has not finished (in this sweep's settings)"
             state.record_blocked(out, run, reason)
             outcome.blocked.append(run.name)
             say(f"[{_count(outcome, total)}/{total}] blocked: {run.name} ({reason})")

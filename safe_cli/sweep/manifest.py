@@ -41,13 +41,13 @@ def digest(settings: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+def differences(saved: Any, current: Any, prefix: str = "", labels: tuple[str, str] = ("in the sweep", "now")) -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current)):
-            out += differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+            out += differences(saved.get(key), current.get(key), f"{prefix}{key}.", labels)
         return out
-    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} in the sweep, {current!r} now"]
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} {labels[0]}, {current!r} {labels[1]}"]
 
 
 @dataclass

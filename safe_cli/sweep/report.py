@@ -72,6 +72,8 @@ def build(out: Path, manifest: Manifest) -> dict[str, Any]:
                 summary = json.loads(summary_file.read_text())
             except (OSError, json.JSONDecodeError):
                 summary = None
+        if row.get("foreign"):
+            summary = None  # another experiment's numbers: not in this table
         shown = row["shown"] if summary is None else state.DONE
         runs.append({
             "variant": run.variant, "seed": run.seed, "stage": run.stage, "state": shown,

@@ -57,6 +57,7 @@ def write(out: Path, run: Run, record: dict[str, Any]) -> None:
 
 def record_start(out: Path, run: Run, invocation: str, pid: int, **extra: Any) -> dict[str, Any]:
     record = read(out, run)
+    record.pop("foreign", None)
     attempt = {"started": now(), "started_unix": time.time(), "pid": pid, "host": socket.gethostname(),
                "invocation": invocation, **extra}
     record.update(variant=run.variant, seed=run.seed, stage=run.stage, state=RUNNING, exit_code=None,
@@ -85,6 +86,15 @@ def record_end(out: Path, run: Run, exit_code: int, interrupted: bool) -> dict[s
 def record_blocked(out: Path, run: Run, reason: str) -> dict[str, Any]:
     record = read(out, run)
     record.update(variant=run.variant, seed=run.seed, stage=run.stage, state=BLOCKED, exit_code=None, message=reason)
+    write(out, run, record)
+    return record
+
+
+def record_foreign(out: Path, run: Run, reason: str) -> dict[str, Any]:
+    """A finished run of another experiment in this sweep's folder: failed, and left untouched."""
+    record = read(out, run)
+    record.update(variant=run.variant, seed=run.seed, stage=run.stage, state=FAILED, exit_code=None,
+                  message=reason, foreign=True)
     write(out, run, record)
     return record
 

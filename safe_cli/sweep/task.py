@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import runner, state
-from .grid import Cell, Run, finished, prerequisite
+from .grid import Cell, Run, finished, foreign, prerequisite
 from .manifest import require
 
 
@@ -30,12 +30,18 @@ def run_task(out: Path, stage: str, variant: str, seed: int, profile: str, overr
         return 1
     with state.held(fd):
         if finished(out, run.cell, stage):
+            reason = foreign(out, run.cell, stage, manifest.settings)
+            if reason:
+                state.record_foreign(out, run, reason)
+                say(f"error: {run.name}: {reason}")
+                return 1
             if state.read(out, run)["state"] != state.DONE:
                 state.write(out, run, {**state.read(out, run), "state": state.DONE, "exit_code": 0, "message": None})
             say(f"{run.name}: already finished")
             return 0
         before = prerequisite(stage)
-        if before is not None and not finished(out, run.cell, before):
+        if before is not None and (not finished(out, run.cell, before)
+                                   or foreign(out, run.cell, before, manifest.settings)):
             reason = f"stage {before} of {run.cell.name} has not finished"
             state.record_blocked(out, run, reason)
             say(f"error: {run.name}: {reason}")
