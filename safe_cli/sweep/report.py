@@ -176,10 +176,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
             if failed[variant]:
                 label.set_color("#c0392b")
         axis.invert_yaxis()
-    if len(stages) > 1:
-        axes[0][-1].legend(fontsize=8, loc="lower right")
     figure.suptitle(f"sweep {report['profile']}: mean ± std over seeds (red ✗: a run failed)", fontsize=10)
     figure.tight_layout()
+    if len(stages) > 1:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="upper left", ncol=len(stages), fontsize=8, frameon=False)
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(figure)
 
