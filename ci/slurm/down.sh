@@ -8,7 +8,8 @@ if [ -f "$SLURM_CONF" ]; then
   [ -n "$jobs" ] && scancel --full $jobs 2>/dev/null
   for _ in $(seq 50); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
 fi
-alive() { s=$(ps -o stat= -p "$1" 2>/dev/null); [ -n "$s" ] && [ "${s#Z}" = "$s" ]; }
+# Alive and not a zombie (state field of /proc/PID/stat; no procps needed).
+alive() { [ -r "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 for d in slurmd slurmctld munged; do
   f=$R/run/$d.fg.pid; [ -f "$f" ] || continue
   p=$(cat "$f")

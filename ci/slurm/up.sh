@@ -29,7 +29,7 @@ mkdir -p "$R"/{etc,state,spool,log,run}
 # slurmctld and slurmd must find themselves under `hostname -s`; NodeAddr=127.0.0.1 avoids DNS.
 H=$(hostname -s)
 CPUS=${SLURM_CPUS:-$(nproc)}
-MEM=${SLURM_MEM_MB:-$(free -m | awk '/^Mem:/{print int($2*0.9)}')}
+MEM=${SLURM_MEM_MB:-$(awk '/^MemTotal:/{print int($2/1024*0.9)}' /proc/meminfo)}  # no procps needed
 cat > "$SLURM_CONF" <<CONF
 ClusterName=safeci
 SlurmctldHost=${H}(127.0.0.1)
