@@ -28,7 +28,7 @@ UP = REPO / "ci" / "slurm" / "up.sh"
 DEFAULT_CONF = "/tmp/safe-slurm/etc/slurm.conf"  # ci/slurm/up.sh's default SLURM_ROOT
 REQUIRED = bool(os.environ.get("CI") or os.environ.get("SAFE_REQUIRE_SLURM"))
 
-JOB = ["sweep.slurm.cpus=1", "sweep.slurm.mem=1G", "sweep.slurm.time=00:20:00"]
+JOB = ["sweep.slurm.cpus=1", "sweep.slurm.mem=2G", "sweep.slurm.time=00:20:00"]
 STAGE_B = ["training.stage_b.steps=2", "training.stage_b.batch_size=4", "training.stage_b.state_samples=8",
            "training.stage_b.checkpoint_every=2"]
 
