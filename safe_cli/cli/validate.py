@@ -1,4 +1,8 @@
-"""`safe validate`: print the resolved profile, or every problem in it at once (exit 2)."""
+"""`safe validate`: print the resolved profile, or every problem in it at once (exit 2).
+
+With ``--estimate`` it prints the profile's memory estimate instead (safe_cli/models/memory.py):
+weights, one Stage A step and inference, from the architectures' configs alone.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.syntax import Syntax
+from rich.table import Table
 
 from ..config import dump_profile, resolve_variants
 from .common import SetOption, console, handle_errors, resolve_profile
@@ -16,8 +21,18 @@ from .common import SetOption, console, handle_errors, resolve_profile
 def validate(
     profile: str = typer.Argument(..., help="Built-in profile name (e.g. demo) or path to a YAML file."),
     set_: Optional[List[str]] = SetOption,
-    as_json: bool = typer.Option(False, "--json", help="Print the resolved profile as JSON instead of YAML."),
+    as_json: bool = typer.Option(False, "--json", help="Print the resolved profile (or the estimate) as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the one-line verdict."),
+    estimate: bool = typer.Option(
+        False, "--estimate", help="Print the memory estimate (weights, a Stage A step, inference) instead of the "
+        "profile. Needs no weights and no network: hub ids must be known models or local directories."
+    ),
+    variant: Optional[str] = typer.Option(
+        None, "--variant", help="Retention variant of the estimated Stage A step (default: the profile's)."
+    ),
+    text_tokens: int = typer.Option(
+        64, "--text-tokens", min=1, help="Text tokens per example on top of the image tokens, for the estimate."
+    ),
 ) -> None:
     """Validate a profile and print it resolved (extends and --set applied, defaults filled in).
 
@@ -26,8 +41,13 @@ def validate(
     Example:
 
         safe validate demo --set fusion.layers=[0,2] --set training.stage_a.steps=50
+
+        safe validate llava15-7b-whisper-small --estimate
     """
     resolved = resolve_profile(profile, set_)
+    if estimate:
+        _print_estimate(resolved, variant, text_tokens, as_json)
+        return
     if as_json:
         print(json.dumps(resolved.model_dump(mode="json"), indent=2))
         return
@@ -37,5 +57,49 @@ def validate(
     console.print(
         f"[green]ok[/]: profile [bold]{resolved.name}[/] ({resolved.base.kind} + "
         f"{resolved.audio_encoder.kind}); variants: {variants}",
+        highlight=False,
+    )
+
+
+def _print_estimate(resolved, variant: Optional[str], text_tokens: int, as_json: bool) -> None:
+    from ..models.memory import GIB, estimate_memory
+
+    est = estimate_memory(resolved, variant, text_tokens)
+    if as_json:
+        print(json.dumps(est.to_json(), indent=2))
+        return
+    seq = est.sequence
+    table = Table(title=f"memory estimate: {est.profile} (Stage A variant {est.variant})", title_justify="left")
+    for column, justify in (("component", "left"), ("parameters", "right"), ("dtype", "left"),
+                            ("GiB", "right"), ("note", "left")):
+        table.add_column(column, justify=justify)
+
+    def rows(items) -> None:
+        for row in items:
+            params = f"{row.params:,}" if row.params else ""
+            table.add_row(row.component, params, row.dtype or "", f"{row.gib:.3f}", row.note)
+
+    def total(label: str, key: str) -> None:
+        table.add_row(f"[bold]{label}[/]", "", "", f"[bold]{est.totals[key] / GIB:.2f}[/]", "")
+
+    table.add_row("[bold]weights[/]")
+    rows(est.weights)
+    table.add_section()
+    table.add_row(f"[bold]Stage A step[/] (micro-batch {seq['micro_batch']} x grad_accum {seq['grad_accum']}, "
+                  f"{seq['tokens']} tokens)")
+    rows(est.training)
+    total("total, training", "training")
+    total("total, training with gradient checkpointing", "training_checkpointed")
+    table.add_section()
+    table.add_row(f"[bold]inference[/] (batch {seq['eval_batch']})")
+    rows(est.inference)
+    total("total, inference", "inference")
+    console.print(table)
+    for line in est.assumptions:
+        console.print(f"- {line}", highlight=False)
+    console.print(
+        f"[green]ok[/]: estimate for [bold]{est.profile}[/]: training {est.totals['training'] / GIB:.1f} GiB "
+        f"({est.totals['training_checkpointed'] / GIB:.1f} GiB with gradient checkpointing), inference "
+        f"{est.totals['inference'] / GIB:.1f} GiB",
         highlight=False,
     )
