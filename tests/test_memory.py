@@ -162,8 +162,8 @@ def test_one_stage_a_step_matches_the_estimate(cache, tmp_path):
             forwards.append(tuple(kwargs["input_ids"].shape))
 
     handle = trainer.model.base_model.register_forward_pre_hook(record, with_kwargs=True)
-    # Autograd packs tensors only in forwards (the step's backward builds no graph), so what the
-    # whole step packed is what was held when its backward began.
+    # Autograd packs tensors only in forwards (backward builds no graph): the step packs its
+    # three forwards' tensors, and frees each batch's at that batch's backward.
     result, measured = saved_tensor_bytes(lambda: trainer._step(1), trainer.model)
     handle.remove()
     assert result["skipped"] == 0.0
@@ -178,8 +178,10 @@ def test_one_stage_a_step_matches_the_estimate(cache, tmp_path):
     assert grads == rows["gradients"].bytes
     assert len(state) == len(trainer.trainable)  # every trainable tensor got a gradient and a state
 
-    # grad_accum micro-batches + the retention batch keep their graphs until the one backward.
-    assert sum(r for r, _ in forwards) == est.sequence["held_rows"] == 3 * profile.training.stage_a.batch_size
+    # grad_accum micro-batches, then the retention batch, each backpropagated before the next
+    # forward: one batch's graph is held at a time.
+    assert [r for r, _ in forwards] == [profile.training.stage_a.batch_size] * 3
+    assert est.sequence["held_rows"] == profile.training.stage_a.batch_size
     shape = base_shape(meta_base(profile.base))
     encoder = encoder_shape(profile.audio_encoder, profile.data.max_audio_seconds)
     formula = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import List, Optional
 
 import typer
@@ -62,6 +63,16 @@ def train(
 
         safe train --stage c --variant soft_retention --set training.stage_c.target=audio_usage
     """
+    try:
+        _train(stage, variant, profile, run_dir, seed, resume, set_, device, json_output)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # under torchrun
+            dist.destroy_process_group()
+
+
+def _train(stage, variant, profile, run_dir, seed, resume, set_, device, json_output) -> None:
     stage = stage.lower()
     if stage not in ("a", "b", "c"):
         raise SafeError(f"--stage: unknown stage {stage!r}; choose a, b or c")
@@ -75,11 +86,14 @@ def train(
         from ..training.stage_b import train_stage_b
 
         result_b = train_stage_b(resolved, variant=variant, seed=seed, run_dir=run_dir, resume=resume, device=device)
-        print_stage_b(result_b, json_output)
+        if is_main_process():
+            print_stage_b(result_b, json_output)
         return
     from ..training.stage_a import train_stage_a
 
     result = train_stage_a(resolved, variant=variant, seed=seed, run_dir=run_dir, resume=resume, device=device)
+    if not is_main_process():
+        return  # under torchrun, rank 0 reports
     summary = result.summary()
     if json_output:
         print(json.dumps({"stage_dir": str(result.stage_dir), **summary}, indent=1, sort_keys=True))
@@ -100,6 +114,10 @@ def train(
                   f"peak memory {result.peak_memory_mb:.0f} MB")
     console.print(f"base fingerprint {'unchanged' if result.base_unchanged else 'CHANGED'}: {result.base_fingerprint}")
     console.print(f"run directory: {result.stage_dir}")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def strategy_table(title: str, points: list[dict]) -> Table:

@@ -441,7 +441,8 @@ def estimate_memory(profile: Profile, variant: Optional[str] = None,
     # first), plus the student forward on the retention batch when the variant uses one.
     uses_retention_batch = (retention.retention_loss_weight * retention.distillation_weight > 0
                             or retention.enable_null_space)
-    held_rows = cfg.batch_size * cfg.grad_accum + (cfg.batch_size if uses_retention_batch else 0)
+    # Stage A runs one backward per micro-batch, then the retention batch's: one batch at a time.
+    held_rows = cfg.batch_size
     est.sequence["held_rows"] = held_rows
     fusion_layers = profile.fusion.layers
 
@@ -496,8 +497,8 @@ def estimate_memory(profile: Profile, variant: Optional[str] = None,
         "fused SDPA attention (no L x L matrix kept); the math fallback adds B*heads*L^2*2p per layer",
         "the frozen base keeps nothing for backward before the first fused layer "
         f"(layer {min(fusion_layers)}); {base.num_layers - 1 - min(fusion_layers)} layers after it do",
-        f"Stage A holds grad_accum ({cfg.grad_accum}) micro-batches of {cfg.batch_size}"
-        + (" plus the retention batch" if uses_retention_batch else "") + " until one backward",
+        f"Stage A holds one batch of {cfg.batch_size} at a time (a backward per micro-batch"
+        + (", then one for the retention batch)" if uses_retention_batch else ")"),
         "not counted: CUDA context and allocator slack (add ~1 GiB), DDP gradient buckets (one more "
         "copy of the gradients), the image processor's inputs, CLAP's working set",
     ]

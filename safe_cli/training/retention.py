@@ -39,20 +39,23 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def distillation_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+    normalizer: Optional[float] = None,
 ) -> torch.Tensor:
     """Mean over answer tokens of T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
     ``*_logits`` are (B, L, V) from the same inputs; ``labels`` (B, L) mark answer tokens as
     in causal-LM training (-100 elsewhere). Logit t predicts token t+1, hence the shift.
+    ``normalizer``: divide the sum by this instead of this batch's answer-token count (data
+    parallelism divides by the global count over the world size).
     """
     positions = answer_positions(labels)
     if not bool(positions.any()):
         return student_logits.sum() * 0.0  # keeps the graph; no answer tokens, nothing to match
     student = student_logits[:, :-1][positions].float() / temperature
     teacher = teacher_logits[:, :-1][positions].float().detach() / temperature
-    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), reduction="batchmean", log_target=True)
-    return kl * temperature**2
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), reduction="sum", log_target=True)
+    return kl / (student.shape[0] if normalizer is None else max(normalizer, 1.0)) * temperature**2
 
 
 # --------------------------------------------------------------------------- Fisher
@@ -128,7 +131,9 @@ class NullSpaceProjector:
     ``project(snapshot)``.
     """
 
-    def __init__(self, layers: dict[str, nn.Linear], rank: int, min_samples: int, refresh_interval: int):
+    def __init__(self, layers: dict[str, nn.Linear], rank: int, min_samples: int, refresh_interval: int,
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 gather: Optional[Callable[[torch.Tensor], list[torch.Tensor]]] = None, world_rank: int = 0):
         if not layers:
             raise ValueError("null-space projection needs at least one protected linear layer")
         self.layers = layers
@@ -142,6 +147,14 @@ class NullSpaceProjector:
         self.samples = 0
         self.bases: dict[str, torch.Tensor] = {}
         self.refreshed_at: Optional[int] = None
+        # Data parallelism: each rank collects its own rows; ``reduce`` sums a tensor over ranks,
+        # so the bases come from every rank's inputs and are the same everywhere.
+        self.reduce = reduce or (lambda tensor: tensor)
+        self.gather = gather  # every rank's copy of a tensor, for checkpoints that resume exactly
+        self.world_rank = world_rank
+
+    def _global_samples(self) -> int:
+        return int(self.reduce(torch.tensor([float(self.samples)], dtype=torch.float64)).item())
 
     @property
     def active(self) -> bool:
@@ -176,13 +189,13 @@ class NullSpaceProjector:
 
     def maybe_refresh(self, step: int) -> bool:
         """Recompute the bases when due; True if it did."""
-        if self.samples < self.min_samples:
+        if self._global_samples() < self.min_samples:
             return False
         due = self.refreshed_at is None or step - self.refreshed_at >= self.refresh_interval
         if not due:
             return False
         for name, covariance in self.covariance.items():
-            eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+            eigenvalues, eigenvectors = torch.linalg.eigh(self.reduce(covariance))  # ascending
             rank = min(self.rank, int((eigenvalues > eigenvalues[-1] * 1e-10).sum()))
             weight = self.layers[name].weight
             self.bases[name] = eigenvectors[:, -rank:].flip(-1).to(weight.dtype) if rank else \
@@ -213,14 +226,28 @@ class NullSpaceProjector:
                 layer.bias.copy_(new[:, layer.in_features])
 
     def state_dict(self) -> dict:
+        """Under data parallelism a collective call: the sums over ranks, and each rank's own sums."""
         # Copies: the live covariance keeps growing in place after a state is taken.
-        return {"covariance": {k: v.clone() for k, v in self.covariance.items()}, "samples": self.samples,
-                "bases": {k: v.clone() for k, v in self.bases.items()},
-                "refreshed_at": -1 if self.refreshed_at is None else self.refreshed_at}
+        state = {"covariance": {k: self.reduce(v.clone()) for k, v in self.covariance.items()},
+                 "samples": self._global_samples(),
+                 "bases": {k: v.clone() for k, v in self.bases.items()},
+                 "refreshed_at": -1 if self.refreshed_at is None else self.refreshed_at}
+        if self.gather is not None:
+            state["covariance_by_rank"] = {k: torch.stack(self.gather(v)) for k, v in self.covariance.items()}
+            state["samples_by_rank"] = torch.stack(self.gather(torch.tensor([float(self.samples)], dtype=torch.float64)))
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.covariance = {k: v.clone() for k, v in state["covariance"].items()}
-        self.samples = int(state["samples"])
+    def load_state_dict(self, state: dict, world: int = 1) -> None:
+        """Each rank takes back its own sums when the world size is the same (an exact resume);
+        otherwise rank 0 carries the global sums and the others start at zero (they count once)."""
+        by_rank = state.get("covariance_by_rank")
+        if by_rank and all(v.shape[0] == world for v in by_rank.values()) and world > 1:
+            self.covariance = {k: v[self.world_rank].clone() for k, v in by_rank.items()}
+            self.samples = int(state["samples_by_rank"][self.world_rank].item())
+        else:
+            owner = self.world_rank == 0
+            self.covariance = {k: v.clone() if owner else torch.zeros_like(v) for k, v in state["covariance"].items()}
+            self.samples = int(state["samples"]) if owner else 0
         self.bases = {k: v.clone() for k, v in state["bases"].items()}
         refreshed = int(state["refreshed_at"])
         self.refreshed_at = None if refreshed < 0 else refreshed

@@ -16,6 +16,11 @@ The recipe, top to bottom:
    run sees exactly the batches the uninterrupted one would have.
 6. At the end: base vs SAFE accuracy per task on the test split, with and without a distractor
    clip, and the base fingerprint checked again.
+
+Under torchrun every rank draws the step's global batch (``batch_size`` x world) and trains on
+its own slice; losses are normalised by the global answer-token count and gradients averaged
+over ranks, so the update is the single-process update on the global batch (distributed.py).
+Rank 0 writes and evaluates.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..atomic import write_json
 from ..config.schema import Profile, RetentionVariant
@@ -44,6 +50,7 @@ from ..progress import progress_bar
 from . import run_dir as layout
 from .batches import ExamplePool, avdigits_pool, draw_budgets, row_exact_match, training_batch
 from .checkpoint import check_fingerprint, latest_checkpoint, load_weights_into, save_checkpoint
+from .distributed import Distributed, from_environment, rank_device
 from .lifecycle import StopSignals, open_stage_dir, peak_memory_mb, prepare_stage_dir, save_weights
 from .retention import FisherPenalty, NullSpaceProjector, distillation_kl, protected_linears
 from .schedule import warmup_cosine
@@ -96,6 +103,20 @@ def resolve_variant(profile: Profile, name: Optional[str]) -> tuple[str, Retenti
     return name, variants[name]
 
 
+def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor, distributed: Distributed) -> torch.Tensor:
+    """Cross-entropy summed over this rank's answer tokens / the global token count x world.
+
+    One process: the mean over the batch's answer tokens (the Hugging Face loss). Several: the
+    ranks' mean gradient is the gradient of the global batch's token mean.
+    """
+    shifted = logits[:, :-1].float()
+    target = labels[:, 1:]
+    total = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    tokens = distributed.sum(float((target != -100).sum()))
+    return total * distributed.world / max(tokens, 1.0)
+
+
 def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of rows whose every answer token is the argmax (teacher-forced exact match)."""
     scored = (labels[:, 1:] != -100).any(1)
@@ -115,7 +136,8 @@ class StageATrainer:
         self.cfg = profile.training.stage_a
         self.variant_name, self.variant = resolve_variant(profile, variant)
         self.seed = profile.seed if seed is None else seed
-        self.device = resolve_device(device or profile.training.device)
+        self.dist = from_environment(device or profile.training.device)
+        self.device = rank_device(self.dist, resolve_device(device or profile.training.device))
         root = layout.run_root(profile.runs_dir, profile.name, self.variant_name, self.seed,
                                str(run_dir) if run_dir else None)
         self.stage_dir = layout.stage_dir(root, "a")
@@ -168,6 +190,8 @@ class StageATrainer:
             self.null_space = NullSpaceProjector(
                 protected_linears(self.model.fusion), variant.null_space_rank,
                 variant.null_space_min_samples, variant.null_space_refresh_interval,
+                reduce=self.dist.sum_tensor if self.dist.enabled else None,
+                gather=self.dist.gather if self.dist.enabled else None, world_rank=self.dist.rank,
             )
         self.uses_retention_batches = self.kl_weight > 0 or self.null_space is not None
 
@@ -184,14 +208,20 @@ class StageATrainer:
         if self.fisher is not None:
             state["fisher"] = self.fisher.state_dict()
         if self.null_space is not None:
-            state["null_space"] = self.null_space.state_dict()
+            state["null_space"] = self.null_space.state_dict()  # a collective call under torchrun
         return state
 
-    def save(self, step: int, skipped: int) -> Path:
-        weights = {name: p.detach() for name, p in self.trainable.items()}
-        meta = {"base_fingerprint": self.base_fingerprint, "variant": self.variant_name, "seed": self.seed,
-                "profile": self.profile.name, "stage": "a"}
-        return save_checkpoint(self.stage_dir, step, weights, self.state_dict(step, skipped), meta)
+    def save(self, step: int, skipped: int) -> Optional[Path]:
+        """Every rank takes part (the null space's sums are collective); rank 0 writes."""
+        state = self.state_dict(step, skipped)
+        path = None
+        if self.dist.is_main:
+            weights = {name: p.detach() for name, p in self.trainable.items()}
+            meta = {"base_fingerprint": self.base_fingerprint, "variant": self.variant_name, "seed": self.seed,
+                    "profile": self.profile.name, "stage": "a", "world_size": self.dist.world}
+            path = save_checkpoint(self.stage_dir, step, weights, state, meta)
+        self.dist.barrier()
+        return path
 
     def restore(self) -> tuple[int, int]:
         """Load the latest checkpoint (if any); returns (step, skipped steps)."""
@@ -209,14 +239,18 @@ class StageATrainer:
         if self.fisher is not None and "fisher" in state:
             self.fisher.load_state_dict(state["fisher"])
         if self.null_space is not None and "null_space" in state:
-            self.null_space.load_state_dict(state["null_space"])
+            self.null_space.load_state_dict(state["null_space"], world=self.dist.world)
         return int(state["step"]), int(state["skipped_steps"])
 
     # ------------------------------------------------------------------ one step
 
     def _pick(self, pool: ExamplePool, rng: np.random.Generator):
-        chosen = [pool.examples[i] for i in rng.integers(len(pool), size=self.cfg.batch_size)]
-        return chosen, draw_budgets(rng, self.positive_budgets, chosen)
+        """The step's global batch (batch_size x world, the same on every rank); this rank's rows."""
+        total = self.cfg.batch_size * self.dist.world
+        chosen = [pool.examples[i] for i in rng.integers(len(pool), size=total)]
+        budgets = draw_budgets(rng, self.positive_budgets, chosen)
+        rows = self.dist.rows(total)
+        return chosen[rows], budgets[rows]
 
     def _retention_loss(self, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
         chosen, budgets = self._pick(self.retention_pool, rng)
@@ -230,8 +264,10 @@ class StageATrainer:
                    else contextlib.nullcontext())
         with collect:  # the null space learns its protected inputs from the student's own forward
             student = self.model(**batch, token_budget=budget, **audio).logits
-        kl = distillation_kl(student, teacher, labels, self.profile.retention.temperature)
-        return kl, float(kl.detach())
+        # Normalised by the global answer-token count (per rank: / (count / world)), as the answer loss.
+        positions = self.dist.sum(float((labels[:, 1:] != -100).sum())) / self.dist.world
+        kl = distillation_kl(student, teacher, labels, self.profile.retention.temperature, normalizer=positions)
+        return kl, self.dist.mean(float(kl.detach()))
 
     def _estimate_fisher(self) -> int:
         """EWC's Fisher on retention examples, at the starting point (which equals the base)."""
@@ -250,32 +286,48 @@ class StageATrainer:
 
     def _step(self, step: int) -> dict[str, float]:
         rng = np.random.default_rng([self.seed, step])
-        losses = []
-        accuracy = []
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = True
+        audio_losses, accuracy = [], []
+        # One backward per micro-batch: its graph (the base's activations after the first fused
+        # layer) is freed before the next forward, so grad_accum saves memory.
         for _ in range(self.cfg.grad_accum):
             chosen, budgets = self._pick(self.alignment, rng)
             batch = training_batch(self.batcher, self.alignment, chosen, budgets)
-            output = self.model(**batch)
-            losses.append(output.loss)
-            accuracy.append(answer_accuracy(output.logits.detach(), batch["labels"]))
-        audio_loss = torch.stack(losses).mean()
-        loss = audio_loss
-        record = {"audio_loss": float(audio_loss.detach()), "audio_acc": float(np.mean(accuracy))}
+            labels = batch.pop("labels")
+            logits = self.model(**batch).logits
+            micro = answer_token_loss(logits, labels, self.dist) / self.cfg.grad_accum
+            accuracy.append(answer_accuracy(logits.detach(), labels))
+            audio_losses.append(float(micro.detach()))
+            if math.isfinite(audio_losses[-1]):
+                micro.backward()
+            else:
+                finite = False
+            del logits, micro
+        total = sum(audio_losses)
+        record = {"audio_loss": self.dist.mean(total), "audio_acc": self.dist.mean(float(np.mean(accuracy)))}
+        extra: Optional[torch.Tensor] = None
         if self.uses_retention_batches and step % self.cfg.retention_every == 0:
             kl, kl_value = self._retention_loss(rng)
             record["kl"] = kl_value
             if self.kl_weight > 0:
-                loss = loss + self.kl_weight * kl
+                extra = self.kl_weight * kl
         if self.fisher is not None:
             penalty = self.fisher.penalty()
             record["fisher"] = float(penalty.detach())
-            loss = loss + self.fisher_weight * penalty
-        record["loss"] = float(loss.detach())
+            extra = self.fisher_weight * penalty if extra is None else extra + self.fisher_weight * penalty
+        if extra is not None:
+            value = float(extra.detach())
+            total += value
+            if math.isfinite(value):
+                extra.backward()
+            else:
+                finite = False
+        record["loss"] = self.dist.mean(total)
 
-        self.optimizer.zero_grad(set_to_none=True)
-        finite = math.isfinite(record["loss"])
+        finite = not self.dist.any(not finite)  # every rank skips the step, or none does
         if finite:
-            loss.backward()
+            self.dist.average_gradients(self.trainable.values())
             norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.cfg.grad_clip)
             finite = bool(torch.isfinite(norm))
             record["grad_norm"] = float(norm)
@@ -301,24 +353,29 @@ class StageATrainer:
     def run(self) -> StageAResult:
         self.build()
         directory = self.stage_dir
-        open_stage_dir(directory, self.profile, self.device, self.base_fingerprint)
+        main = self.dist.is_main
+        if main:
+            open_stage_dir(directory, self.profile, self.device, self.base_fingerprint)
+        self.dist.barrier()
 
         start, skipped = self.restore() if self.resume else (0, 0)
         resumed_from = start if self.resume and start > 0 else None
         metrics_path = directory / layout.METRICS_FILE
-        if self.resume:
+        if main and self.resume:
             layout.truncate_metrics(metrics_path, start)
-        elif metrics_path.exists():
+        elif main and metrics_path.exists():
             metrics_path.unlink()
         if self.fisher is not None and not self.fisher.ready:
-            self._estimate_fisher()
+            self._estimate_fisher()  # the same examples on every rank: the same estimate everywhere
         self.model.train()
 
-        examples_per_step = self.cfg.batch_size * self.cfg.grad_accum
+        examples_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.dist.world
         window: list[dict[str, float]] = []
         train_seconds = 0.0
         steps_timed = 0
-        with StopSignals() as interrupt, progress_bar("stage A", self.cfg.steps, completed=start) as advance:
+        bar = progress_bar("stage A", self.cfg.steps, completed=start) if main else contextlib.nullcontext(
+            lambda **fields: None)
+        with StopSignals() as interrupt, bar as advance:
             for step in range(start + 1, self.cfg.steps + 1):
                 began = time.perf_counter()
                 record = self._step(step)
@@ -331,7 +388,7 @@ class StageATrainer:
                 mean = {key: float(np.mean([r[key] for r in window if key in r]))
                         for key in ("loss", "audio_acc", "kl", "fisher") if any(key in r for r in window)}
                 advance(**{k: f"{v:.3f}" for k, v in mean.items()}, ex_s=f"{speed:.0f}")
-                if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+                if main and (step % self.cfg.log_every == 0 or step == self.cfg.steps):
                     layout.append_metrics(metrics_path, {
                         "step": step, **mean, "skipped_steps": skipped, "examples_per_second": speed,
                         "lr_projector": self.optimizer.param_groups[0]["lr"],
@@ -341,10 +398,14 @@ class StageATrainer:
                     window = []
                 if step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps:
                     self.save(step, skipped)
-                if interrupt.received:
+                if self.dist.any(interrupt.received is not None):  # every rank stops after the same step
                     self.save(step, skipped)
-                    raise RunFailed(f"stopped by {interrupt.received} after step {step}; checkpoint saved in "
-                                    f"{directory}; continue with --resume")
+                    raise RunFailed(f"stopped by {interrupt.received or 'a signal to another rank'} after step "
+                                    f"{step}; checkpoint saved in {directory}; continue with --resume")
+        if not main:  # rank 0 writes the weights and evaluates (no barrier: it may take longer than a timeout)
+            return StageAResult(directory, self.variant_name, self.seed, self.cfg.steps, resumed_from, skipped,
+                                train_seconds, examples_per_step * steps_timed / max(train_seconds, 1e-9),
+                                peak_memory_mb(self.device), self.base_fingerprint, True)
         save_weights(directory / layout.FINAL_WEIGHTS, self.trainable)
 
         self.model.eval()
