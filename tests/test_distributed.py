@@ -106,3 +106,34 @@ def test_a_killed_two_rank_run_resumes_to_the_same_weights(single_and_double, ca
     strip = lambda rows: [{k: v for k, v in r.items() if k != "examples_per_second"} for r in rows]  # noqa: E731
     assert strip(_metrics(run / "stage-a")) == strip(_metrics(root / "double/stage-a"))
     shutil.rmtree(run)
+
+
+def _stage_b(run_dir, ranks, batch):
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               "-m", "safe_cli"] if ranks > 1 else [sys.executable, "-m", "safe_cli"])
+    args = launch + ["train", "--stage", "b", "--variant", "full_retention", "--run-dir", str(run_dir), "--seed", "5"]
+    for item in FAST + STEPS + [f"training.stage_a.batch_size={batch}", "training.stage_b.steps=6",
+                                f"training.stage_b.batch_size={batch}", "training.stage_b.state_samples=8",
+                                "training.stage_b.checkpoint_every=3", "training.stage_b.log_every=1"]:
+        args += ["--set", item]
+    return args
+
+
+def test_stage_b_on_two_ranks_makes_the_single_process_policy(single_and_double, cache, tmp_path):
+    """The ranks split the SAFE forwards and gather states and scores; the policy update is the
+    whole batch's on every rank. The states of a 4-row and an 8-row forward differ by float
+    rounding only, so the policies agree to ~1e-6."""
+    root, _, _ = single_and_double
+    for name in ("one", "two"):
+        shutil.copytree(root / "single/stage-a", tmp_path / name / "stage-a")
+    _run(_stage_b(tmp_path / "one", 1, 8), cache)
+    two = _run(_stage_b(tmp_path / "two", 2, 4), cache)
+    assert two.stdout.count("base fingerprint unchanged") == 1
+    a = load_file(tmp_path / "one/stage-b/policy.safetensors")
+    b = load_file(tmp_path / "two/stage-b/policy.safetensors")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith("policy."))
+    assert worst < 1e-4, worst
+    one, two_metrics = _metrics(tmp_path / "one/stage-b"), _metrics(tmp_path / "two/stage-b")
+    assert [r["step"] for r in two_metrics] == list(range(1, 7))
+    for x, y in zip(one, two_metrics):
+        assert x["audio_usage"] == y["audio_usage"] and x["score"] == y["score"]

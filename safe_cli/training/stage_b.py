@@ -24,10 +24,15 @@ The recipe, top to bottom:
    seeded by (seed, step), so a resumed run is the uninterrupted one). At the end: every test
    example answered at every budget; always-k, the oracle and the learned policy compared on
    accuracy and compute.
+
+Under torchrun each rank computes the states and the SAFE forward of its slice of the global
+batch (the expensive part); states and scores are gathered, and every rank makes the same
+policy update on the whole batch (the policy is tiny), so the ranks never drift apart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -51,10 +56,11 @@ from ..models.builder import resolve_device
 from ..progress import progress_bar
 from ..rl.cost import AudioCostModel
 from ..rl.policy import AudioPolicyNetwork
-from ..rl.state import StateNormalizer, pool_policy_inputs, state_dim
+from ..rl.state import PolicyInputs, StateNormalizer, pool_policy_inputs, state_dim
 from . import run_dir as layout
 from .batches import avdigits_pool, row_exact_match, training_batch
 from .checkpoint import check_fingerprint, latest_checkpoint, save_checkpoint
+from .distributed import from_environment, rank_device
 from .lifecycle import StopSignals, open_stage_dir, peak_memory_mb, prepare_stage_dir, save_weights
 from .retention import distillation_kl
 from .stage_a import AUDIO_INPUTS, resolve_variant
@@ -145,7 +151,8 @@ class StageBTrainer:
         self.cfg = profile.training.stage_b
         self.variant_name, _ = resolve_variant(profile, variant)
         self.seed = profile.seed if seed is None else seed
-        self.device = resolve_device(device or profile.training.device)
+        self.dist = from_environment(device or profile.training.device)
+        self.device = rank_device(self.dist, resolve_device(device or profile.training.device))
         root = layout.run_root(profile.runs_dir, profile.name, self.variant_name, self.seed,
                                str(run_dir) if run_dir else None)
         self.stage_a_dir = stage_a_weights_dir(root)
@@ -237,7 +244,10 @@ class StageBTrainer:
         out.update({f"model.{k}": v.detach() for k, v in self.adapters.items()})
         return out
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Optional[Path]:
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
         state: dict[str, Any] = {
             "step": step, "optimizer": self.optimizer.state_dict(), "multiplier": self.multiplier,
             "base_retention_accuracy": self.base_retention_accuracy, "retention_running": self.retention_running,
@@ -245,8 +255,10 @@ class StageBTrainer:
         if self.adapter_optimizer is not None:
             state["adapter_optimizer"] = self.adapter_optimizer.state_dict()
         meta = {"base_fingerprint": self.base_fingerprint, "variant": self.variant_name, "seed": self.seed,
-                "profile": self.profile.name, "stage": "b"}
-        return save_checkpoint(self.stage_dir, step, self.weights(), state, meta)
+                "profile": self.profile.name, "stage": "b", "world_size": self.dist.world}
+        path = save_checkpoint(self.stage_dir, step, self.weights(), state, meta)
+        self.dist.barrier()
+        return path
 
     def restore(self) -> int:
         checkpoint = latest_checkpoint(self.stage_dir)
@@ -270,6 +282,14 @@ class StageBTrainer:
 
     # ------------------------------------------------------------------ one step
 
+    def _gather_inputs(self, local: PolicyInputs) -> PolicyInputs:
+        """The global batch's policy inputs from every rank's slice (in rank order: the draw's order)."""
+        if not self.dist.enabled:
+            return local
+        fields = ("features", "has_clip", "text_length", "clip_seconds")
+        parts = [torch.cat(self.dist.gather(getattr(local, name).double())) for name in fields]
+        return PolicyInputs(parts[0].float(), parts[1].bool(), parts[2].long(), parts[3].float())
+
     def _adapter_loss(self, logits, labels, teacher, budgets, is_retention) -> torch.Tensor:
         audio_rows = (~is_retention & (budgets > 0)).to(logits.device)
         retention_rows = (is_retention & (budgets > 0)).to(logits.device)
@@ -286,8 +306,10 @@ class StageBTrainer:
     def _step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         rng = np.random.default_rng([self.seed, step])
-        chosen, is_retention = self._draw(rng, cfg.batch_size)
-        inputs = pool_policy_inputs(self.model.base, self.batcher, self.train_pool, chosen, self.rate)
+        chosen, is_retention = self._draw(rng, cfg.batch_size * self.dist.world)
+        mine = self.dist.rows(len(chosen))
+        local = pool_policy_inputs(self.model.base, self.batcher, self.train_pool, chosen[mine], self.rate)
+        inputs = self._gather_inputs(local)
         states = self.normalizer(inputs.features)
         with torch.no_grad():
             logits, _ = self.policy(states)
@@ -298,7 +320,7 @@ class StageBTrainer:
         actions = self.policy.get_actions(states, actions=sampled, has_audio=inputs.has_clip)
         budgets = actions.budgets
 
-        batch = training_batch(self.batcher, self.train_pool, chosen, budgets.tolist())
+        batch = training_batch(self.batcher, self.train_pool, chosen[mine], budgets[mine].tolist())
         labels = batch.pop("labels")
         teacher = None
         if self.adapter_optimizer is not None:
@@ -309,7 +331,7 @@ class StageBTrainer:
         else:
             with torch.no_grad():
                 output = self.model(**batch)
-        score = row_exact_match(output.logits.detach(), labels).float().cpu()
+        score = torch.cat(self.dist.gather(row_exact_match(output.logits.detach(), labels).float().cpu()))
         cost = torch.tensor([self.cost_model.relative(int(k), int(n), float(s)) if has else 0.0
                              for k, n, s, has in zip(budgets, inputs.text_length, inputs.clip_seconds,
                                                      inputs.has_clip)])
@@ -333,12 +355,14 @@ class StageBTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         finite = math.isfinite(float(loss.detach()))
         if self.adapter_optimizer is not None:
-            adapter_loss = self._adapter_loss(output.logits, labels, teacher, budgets, is_retention)
+            adapter_loss = self._adapter_loss(output.logits, labels, teacher, budgets[mine], is_retention[mine])
             record["adapter_loss"] = float(adapter_loss.detach())
             self.adapter_optimizer.zero_grad(set_to_none=True)
             finite = finite and math.isfinite(record["adapter_loss"])
+            finite = not self.dist.any(not finite)
             if finite:
                 adapter_loss.backward()
+                self.dist.average_gradients(self.adapters.values())
                 torch.nn.utils.clip_grad_norm_(list(self.adapters.values()), 1.0)
         if finite:
             loss.backward()
@@ -369,40 +393,50 @@ class StageBTrainer:
     def run(self) -> StageBResult:
         self.build()
         directory = self.stage_dir
-        open_stage_dir(directory, self.profile, self.device, self.base_fingerprint)
+        main = self.dist.is_main
+        if main:
+            open_stage_dir(directory, self.profile, self.device, self.base_fingerprint)
+        self.dist.barrier()
         start = self.restore() if self.resume else 0
         resumed_from = start if self.resume and start > 0 else None
         metrics_path = directory / layout.METRICS_FILE
-        if self.resume:
+        if main and self.resume:
             layout.truncate_metrics(metrics_path, start)
-        elif metrics_path.exists():
+        elif main and metrics_path.exists():
             metrics_path.unlink()
         if start == 0:
-            self._references()
+            self._references()  # the same examples on every rank: the same references everywhere
 
         window: list[dict[str, float]] = []
         train_seconds, steps_timed = 0.0, 0
-        with StopSignals() as interrupt, progress_bar("stage B", self.cfg.steps, completed=start) as advance:
+        examples_per_step = self.cfg.batch_size * self.dist.world
+        bar = progress_bar("stage B", self.cfg.steps, completed=start) if main else contextlib.nullcontext(
+            lambda **fields: None)
+        with StopSignals() as interrupt, bar as advance:
             for step in range(start + 1, self.cfg.steps + 1):
                 began = time.perf_counter()
                 record = self._step(step)
                 train_seconds += time.perf_counter() - began
                 steps_timed += 1
                 window.append(record)
-                speed = self.cfg.batch_size * steps_timed / max(train_seconds, 1e-9)
+                speed = examples_per_step * steps_timed / max(train_seconds, 1e-9)
                 mean = {key: float(np.mean([r[key] for r in window])) for key in record}
                 advance(reward=f"{mean['reward']:.3f}", usage=f"{mean['audio_usage']:.2f}",
                         distractor_usage=f"{mean['usage_on_distractors']:.2f}", lam=f"{self.multiplier:.2f}",
                         ex_s=f"{speed:.0f}")
-                if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+                if main and (step % self.cfg.log_every == 0 or step == self.cfg.steps):
                     layout.append_metrics(metrics_path, {"step": step, **mean, "examples_per_second": speed})
                     window = []
                 if step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps:
                     self.save(step)
-                if interrupt.received:
+                if self.dist.any(interrupt.received is not None):  # every rank stops after the same step
                     self.save(step)
-                    raise RunFailed(f"stopped by {interrupt.received} after step {step}; checkpoint saved in "
-                                    f"{directory}; continue with --resume")
+                    raise RunFailed(f"stopped by {interrupt.received or 'a signal to another rank'} after step "
+                                    f"{step}; checkpoint saved in {directory}; continue with --resume")
+        speed = examples_per_step * steps_timed / train_seconds if train_seconds else float("nan")
+        if not main:  # rank 0 writes the policy and evaluates
+            return StageBResult(directory, self.variant_name, self.seed, self.cfg.steps, resumed_from, train_seconds,
+                                speed, peak_memory_mb(self.device), self.base_fingerprint, True, self.multiplier)
         save_weights(directory / POLICY_WEIGHTS, {k: v for k, v in self.weights().items() if not k.startswith("model.")})
         if self.adapters:
             save_weights(directory / layout.FINAL_WEIGHTS, self.adapters)
@@ -412,7 +446,7 @@ class StageBTrainer:
         result = StageBResult(
             stage_dir=directory, variant=self.variant_name, seed=self.seed, steps=self.cfg.steps,
             resumed_from=resumed_from, train_seconds=train_seconds,
-            examples_per_second=self.cfg.batch_size * steps_timed / train_seconds if train_seconds else float("nan"),
+            examples_per_second=speed,
             peak_memory_mb=peak_memory_mb(self.device), base_fingerprint=self.base_fingerprint,
             base_unchanged=unchanged, retention_multiplier=self.multiplier, tasks=tasks, efficiency=efficiency,
             strategies=strategies,
