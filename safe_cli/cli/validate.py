@@ -89,7 +89,7 @@ def _print_estimate(resolved, variant: Optional[str], text_tokens: int, as_json:
                   f"{seq['tokens']} tokens)")
     rows(est.training)
     total("total, training", "training")
-    total("total, training with gradient checkpointing", "training_checkpointed")
+    total("total, training if the base's layers were checkpointed (not built yet)", "training_checkpointed")
     table.add_section()
     table.add_row(f"[bold]inference[/] (batch {seq['eval_batch']})")
     rows(est.inference)
@@ -99,7 +99,7 @@ def _print_estimate(resolved, variant: Optional[str], text_tokens: int, as_json:
         console.print(f"- {line}", highlight=False)
     console.print(
         f"[green]ok[/]: estimate for [bold]{est.profile}[/]: training {est.totals['training'] / GIB:.1f} GiB "
-        f"({est.totals['training_checkpointed'] / GIB:.1f} GiB with gradient checkpointing), inference "
+        f"({est.totals['training_checkpointed'] / GIB:.1f} GiB if gradient checkpointing of the base's layers were built), inference "
         f"{est.totals['inference'] / GIB:.1f} GiB",
         highlight=False,
     )

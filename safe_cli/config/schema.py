@@ -142,6 +142,10 @@ class AudioEncoderConfig(Section):
         description="tiny-whisper (built-in whisper-architecture encoder), whisper, clap, or both "
         "(whisper frames with the CLAP embedding concatenated to each).",
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights of the frozen encoder (bfloat16 halves its memory on a GPU; its features "
+        "then differ from float32's, so a feature cache made with another dtype does not match)."
+    )
     whisper: WhisperConfig = Field(default_factory=WhisperConfig, description="Settings for whisper and both.")
     clap: ClapConfig = Field(default_factory=ClapConfig, description="Settings for clap and both.")
     tiny_state: int = Field(64, ge=8, description="tiny-whisper: encoder width.")
@@ -336,6 +340,11 @@ class StageCConfig(Section):
 
 class TrainingConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when available.")
+    autocast: Literal["off", "bf16"] = Field(
+        "off", description="Run the trainable parts (projector, fusion adapters) under torch.autocast in bfloat16: "
+        "their weights, gradients and optimizer state stay float32. The frozen base runs in base.dtype and is never "
+        "autocast, so budget-0 rows stay bit-identical to it."
+    )
     stage_a: StageAConfig = Field(default_factory=StageAConfig, description="Stage A: alignment.")
     stage_b: StageBConfig = Field(default_factory=StageBConfig, description="Stage B: policy learning.")
     stage_c: StageCConfig = Field(default_factory=StageCConfig, description="Stage C: policy distillation.")

@@ -28,7 +28,7 @@ import torch
 from ..config.schema import Profile
 from ..errors import SafeError
 from ..foundation.prepare import load_prepared_models
-from ..models.builder import build_trainable
+from ..models.builder import apply_precision, build_trainable
 from ..models.safe_model import SAFEModel
 from ..training import run_dir as layout
 from ..rl.gate import CONFIG_FILE as GATE_CONFIG
@@ -168,7 +168,7 @@ def load_trained_model(trained: TrainedWeights, profile: Profile, device: Union[
                         f"but the profile's base is {fingerprint}; evaluate with the profile the run used "
                         f"(the default) or one with the same base.* settings")
     projector, fusion = build_trainable(profile, base, encoder.feature_dim, trained.seed)
-    model = SAFEModel(base, projector, fusion, encoder).to(device)
+    model = apply_precision(SAFEModel(base, projector, fusion, encoder).to(device), profile)
     try:
         weights = load_file(str(trained.weights_path), device=str(device))
     except Exception as exc:  # safetensors raises its own error types for a damaged file

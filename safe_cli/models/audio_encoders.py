@@ -306,13 +306,30 @@ def load_audio_encoder(
     """Build the profile's audio encoder, frozen (``whisper.trim_to_clip`` applies to every whisper kind)."""
     trim = cfg.whisper.trim_to_clip
     if cfg.kind == "tiny-whisper":
-        return WhisperEncoder.tiny(
+        encoder = WhisperEncoder.tiny(
             cfg.tiny_state, cfg.tiny_layers, cfg.tiny_heads, seed or 0, cfg.tiny_window_seconds, trim
         ).to(device)
-    if cfg.kind == "whisper":
-        return WhisperEncoder.load(cfg.whisper.name_or_path, device, trim)
-    if cfg.kind == "clap":
-        return ClapEncoder.load(cfg.clap.name_or_path, device)
-    return WhisperClapEncoder(
-        WhisperEncoder.load(cfg.whisper.name_or_path, device, trim), ClapEncoder.load(cfg.clap.name_or_path, device)
-    )
+    elif cfg.kind == "whisper":
+        encoder = WhisperEncoder.load(cfg.whisper.name_or_path, device, trim)
+    elif cfg.kind == "clap":
+        encoder = ClapEncoder.load(cfg.clap.name_or_path, device)
+    else:
+        encoder = WhisperClapEncoder(WhisperEncoder.load(cfg.whisper.name_or_path, device, trim),
+                                     ClapEncoder.load(cfg.clap.name_or_path, device))
+    return cast_frozen_encoder(encoder, getattr(torch, cfg.dtype)) if cfg.dtype != "float32" else encoder
+
+
+def cast_frozen_encoder(encoder: AudioEncoder, dtype: torch.dtype) -> AudioEncoder:
+    """The encoder's weights in ``dtype``; each encoder casts its log-mel / CLAP features to them.
+
+    whisper's LayerNorm normalises in float32 (``x.float()``) and casts back; its weights stay
+    float32 here, which CUDA and CPU kernels both accept (a bfloat16 weight with a float32 input
+    is refused on the CPU).
+    """
+    from whisper.model import LayerNorm as WhisperLayerNorm
+
+    encoder.to(dtype)
+    for module in encoder.modules():
+        if isinstance(module, WhisperLayerNorm):
+            module.float()
+    return encoder

@@ -67,7 +67,7 @@ def build_safe_model(
     base = base or load_base(profile.base, device)
     audio_encoder = audio_encoder or load_audio_encoder(profile.audio_encoder, device, profile.seed)
     projector, fusion = build_trainable(profile, base, audio_encoder.feature_dim, seed)
-    return SAFEModel(base, projector, fusion, audio_encoder).to(device)
+    return apply_precision(SAFEModel(base, projector, fusion, audio_encoder).to(device), profile)
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -76,3 +76,10 @@ def resolve_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise SafeError("training.device: cuda requested but torch sees no GPU")
     return torch.device(setting)
+
+
+def apply_precision(model: SAFEModel, profile: Profile) -> SAFEModel:
+    """training.autocast: the trainable parts compute in bfloat16 under autocast (weights stay float32)."""
+    model.autocast_dtype = torch.bfloat16 if profile.training.autocast == "bf16" else None
+    return model
+

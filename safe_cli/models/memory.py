@@ -29,8 +29,10 @@ default; the "math" fallback would add B·heads·L²·2p per layer. Each fusion 
 and keeps six B·L·H fp32 tensors (24·B·L·H bytes). The loss keeps log_softmax over the vocabulary
 (B·L·V·4) and the base returns its logits (B·L·V·p).
 
-Gradient checkpointing of the layers after the first fused one keeps only each layer's input
-(B·L·H·p) plus one layer's activations while it is recomputed.
+Gradient checkpointing of the layers after the first fused one (not built yet: the fusion
+hooks would have to stay installed through the recomputation in backward) would keep only
+each layer's input (B·L·H·p) plus one layer's activations while it is recomputed; the
+estimate shows it so the saving can be weighed.
 """
 
 from __future__ import annotations
@@ -467,7 +469,7 @@ def estimate_memory(profile: Profile, variant: Optional[str] = None,
             f"{base.num_layers - 1 - min(fusion_layers)} layers"),
         Row("  of which logits + log_softmax", plain["logits"] + plain["log_softmax"], None, None,
             f"vocab {base.vocab_size}"),
-        Row("activations with gradient checkpointing", sum(ckpt.values()), None, None,
+        Row("activations with gradient checkpointing (not built yet)", sum(ckpt.values()), None, None,
             "layer inputs + one layer recomputed"),
         Row("backward: logit gradients of one micro-batch", backward_logits, None, None),
         Row("teacher logits (retention batch, no grad)", teacher, None, dtype),

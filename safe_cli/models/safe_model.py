@@ -39,6 +39,15 @@ class SAFEModel(nn.Module):
         self.audio_encoder = audio_encoder
         self.projector = projector
         self.fusion = fusion
+        # Mixed precision for the trainable parts only (training.autocast): the projector and the
+        # fusion blocks compute in this dtype under torch.autocast, their weights stay float32.
+        # The base is never autocast: budget-0 rows remain the base's own arithmetic.
+        self.autocast_dtype: Optional[torch.dtype] = None
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     # ------------------------------------------------------------------ parameters
 
@@ -86,7 +95,8 @@ class SAFEModel(nn.Module):
                 rows = None if batch_mask is None else batch_mask(audio)
                 frame_mask = None if rows is None else rows.to(audio_features.device)
         k_max = int(budgets.max())
-        tokens = self.projector(audio_features, k_max, frame_mask)
+        with self._autocast(audio_features.device):
+            tokens = self.projector(audio_features, k_max, frame_mask)
         mask = torch.arange(k_max, device=budgets.device)[None, :] < budgets[:, None]
         return tokens, mask.to(tokens.device)
 
@@ -101,11 +111,15 @@ class SAFEModel(nn.Module):
 
             def hook(module, args, output, block=block):
                 hidden = output[0] if isinstance(output, tuple) else output
-                if rows is None:
-                    merged = block(hidden.to(tokens.dtype), tokens, mask).to(hidden.dtype)
-                else:
-                    fused = block(hidden.index_select(0, rows).to(tokens.dtype), tokens, mask).to(hidden.dtype)
-                    merged = hidden.index_copy(0, rows, fused)
+                # The block's residual stream runs in the trainable parts' dtype (float32), also
+                # under autocast, where only its matrix products drop to bfloat16.
+                dtype = self.projector.queries.dtype
+                with self._autocast(hidden.device):
+                    if rows is None:
+                        merged = block(hidden.to(dtype), tokens, mask).to(hidden.dtype)
+                    else:
+                        fused = block(hidden.index_select(0, rows).to(dtype), tokens, mask).to(hidden.dtype)
+                        merged = hidden.index_copy(0, rows, fused)
                 return (merged,) + tuple(output[1:]) if isinstance(output, tuple) else merged
 
             handles.append(self.base.decoder_layers[layer].register_forward_hook(hook))

@@ -44,7 +44,7 @@ from ..data.batches import PromptBatcher
 from ..errors import RunFailed, SafeError
 from ..evaluation.tasks import TaskResult, audio_accuracy_by_budget, evaluate
 from ..foundation.prepare import load_prepared_models
-from ..models.builder import build_trainable, resolve_device
+from ..models.builder import apply_precision, build_trainable, resolve_device
 from ..models.safe_model import SAFEModel
 from ..progress import progress_bar
 from . import run_dir as layout
@@ -153,7 +153,7 @@ class StageATrainer:
                             f"training from a {profile.data.source!r} source is not built yet")
         base, encoder = load_prepared_models(profile, self.device)
         projector, fusion = build_trainable(profile, base, encoder.feature_dim, self.seed)
-        self.model = SAFEModel(base, projector, fusion, encoder).to(self.device)
+        self.model = apply_precision(SAFEModel(base, projector, fusion, encoder).to(self.device), profile)
         self.batcher = PromptBatcher(base)
         self.base_fingerprint = self.model.base_fingerprint()
         self.positive_budgets = [b for b in profile.policy.token_budgets if b > 0]
