@@ -410,3 +410,23 @@ def test_a_finished_run_of_other_settings_is_not_counted_nor_built_upon(tmp_path
     rows = {(r["variant"], r["stage"]): r for r in report_mod.build(out, m)["rows"]}
     assert rows[("v1", "a")]["done"] == 0 and rows[("v1", "a")]["failures"][0]["state"] == "failed"
     assert rows[("v2", "a")]["done"] == 1
+
+
+def test_several_gpus_per_task_launch_the_run_through_torchrun(tmp_path):
+    """sweep.slurm.gpus > 1: the array task runs one rank per GPU with torchrun, which passes
+    SLURM's USR1 on to the ranks and gives them the warning time to checkpoint."""
+    from safe_cli.sweep.grid import Cell, Run
+    from safe_cli.sweep.runner import train_command
+
+    out, fake, _ = _dry_run(tmp_path, "--set", "sweep.slurm.gpus=4")
+    script = (out / "slurm" / "stage-a.sbatch").read_text()
+    assert "#SBATCH --gres=gpu:4" in script
+    assert "--processes 4 \\\n    --shutdown-seconds 90 \\\n" in script
+    command = train_command(out, "demo", [], Run(Cell("soft_retention", 1), "a"), python="py", processes=4,
+                            shutdown_seconds=90)
+    assert command[:12] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "90",
+                            "-m", "safe_cli"]
+    assert command[12:15] == ["train", "--stage", "a"]
+    single = train_command(out, "demo", [], Run(Cell("soft_retention", 1), "a"), python="py")
+    assert single[:3] == ["py", "-m", "safe_cli"]

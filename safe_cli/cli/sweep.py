@@ -267,6 +267,10 @@ def run_task(
     seed: int = typer.Option(..., "--seed"),
     profile: str = typer.Option(..., "--profile"),
     set_: Optional[List[str]] = typer.Option(None, "--set"),
+    processes: int = typer.Option(1, "--processes", min=1, help="Processes (GPUs) for the run: > 1 launches it "
+                                  "with torchrun, one rank per GPU."),
+    shutdown_seconds: int = typer.Option(120, "--shutdown-seconds", min=1, help="With --processes > 1: how long "
+                                         "torchrun waits for the ranks to checkpoint after a signal."),
 ) -> None:
     """One array task of a --slurm sweep (the batch scripts call it)."""
     import sys
@@ -274,4 +278,5 @@ def run_task(
     from ..sweep.task import run_task as run_one
 
     sys.exit(run_one(Path(out), stage, variant, seed, profile, list(set_ or []),
-                     say=lambda line: print(line, flush=True)))
+                     say=lambda line: print(line, flush=True), processes=processes,
+                     shutdown_seconds=shutdown_seconds))

@@ -16,9 +16,24 @@ from .manifest import Manifest
 from .state import log_path, record_start
 
 
-def train_command(out: Path, profile: str, overrides: list[str], run: Run, python: Optional[str] = None) -> list[str]:
+def launcher(python: Optional[str] = None, processes: int = 1, shutdown_seconds: int = 120) -> list[str]:
+    """``python -m safe_cli``, or torchrun with one process per GPU when ``processes`` > 1.
+
+    torchrun passes SIGUSR1 (SLURM's warning) on to every rank, which checkpoints and stops,
+    and waits ``shutdown_seconds`` before it kills them.
+    """
+    python = python or sys.executable
+    if processes <= 1:
+        return [python, "-m", "safe_cli"]
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout",
+            str(max(1, shutdown_seconds)), "-m", "safe_cli"]
+
+
+def train_command(out: Path, profile: str, overrides: list[str], run: Run, python: Optional[str] = None,
+                  processes: int = 1, shutdown_seconds: int = 120) -> list[str]:
     """Always --resume: a run that never started begins at step 0, an interrupted one continues."""
-    command = [python or sys.executable, "-m", "safe_cli", "train", "--stage", run.stage,
+    command = launcher(python, processes, shutdown_seconds) + ["train", "--stage", run.stage,
                "--variant", run.variant, "--seed", str(run.seed), "--run-dir", str(run_root(out, run.cell)),
                "--profile", profile, "--resume"]
     for item in overrides:

@@ -96,6 +96,8 @@ def stage_script(out: Path, manifest: Manifest, config: SlurmConfig, stage: str,
     lines += _setup(config)
     head = [python_command(config), "-m", "safe_cli", "sweep", "run-task", str(out)]
     options = [("--stage", stage), ("--profile", manifest.profile)]
+    if config.gpus > 1:  # one rank per GPU through torchrun; it has until the time limit to checkpoint
+        options += [("--processes", str(config.gpus)), ("--shutdown-seconds", str(max(30, config.signal_seconds)))]
     options += [("--set", item) for item in manifest.train_overrides]
     lines += [
         "",

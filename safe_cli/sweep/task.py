@@ -19,7 +19,7 @@ from .manifest import require
 
 
 def run_task(out: Path, stage: str, variant: str, seed: int, profile: str, overrides: list[str],
-             say: Callable[[str], None] = print) -> int:
+             say: Callable[[str], None] = print, processes: int = 1, shutdown_seconds: int = 120) -> int:
     """Train one run with the profile and overrides the batch script names (it shows them in full)."""
     out = Path(out)
     manifest = require(out)
@@ -49,7 +49,8 @@ def run_task(out: Path, stage: str, variant: str, seed: int, profile: str, overr
         slurm = {key: os.environ.get(env) for key, env in (
             ("slurm_job", "SLURM_JOB_ID"), ("slurm_array_job", "SLURM_ARRAY_JOB_ID"),
             ("slurm_array_task", "SLURM_ARRAY_TASK_ID"), ("slurm_restarts", "SLURM_RESTART_COUNT"))}
-        command = runner.train_command(out, profile, overrides, run)
+        command = runner.train_command(out, profile, overrides, run, processes=processes,
+                                       shutdown_seconds=shutdown_seconds)
         process = runner.start(out, manifest, run, fd, uuid.uuid4().hex[:12], command=command, mode="slurm", **slurm)
         say(f"{run.name}: training (pid {process.pid}), log {state.log_path(out, run)}")
         received: list[str] = []
