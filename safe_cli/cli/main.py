@@ -18,7 +18,7 @@ from .validate import validate
 app = typer.Typer(
     name="safe",
     help="SAFE: add audio understanding to a frozen vision-language model without regressing it.\n\n"
-    "Examples:\n\n    safe validate demo\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe train --stage b --variant soft_retention\n\n    safe distill-policy runs/demo/soft_retention/seed-0\n\n    safe eval-retention runs/demo/soft_retention/seed-0\n\n    safe check --profile demo",
+    "Examples:\n\n    safe validate demo\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe train --stage b --variant soft_retention\n\n    safe distill-policy runs/demo/soft_retention/seed-0\n\n    safe eval-retention runs/demo/soft_retention/seed-0\n\n    safe sweep --variants no_retention,soft_retention --seeds 1,2 --stages a,b\n\n    torchrun --standalone --nproc_per_node 2 -m safe_cli train --stage a\n\n    safe validate llava15-7b-whisper-small --estimate\n\n    safe check --profile demo",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
