@@ -201,7 +201,11 @@ def test_usr1_checkpoints_requeues_and_the_task_resumes(slurm, tmp_path):
     while not any("|PENDING|" in line for line in queued([sub["jobs"]["a"]])):
         assert time.monotonic() < deadline, f"not requeued: {queued([sub['jobs']['a']])}"
         time.sleep(0.2)
-    # SLURM holds a requeued job about 2 minutes (Reason=BeginTime); release it now.
+    # SLURM holds a requeued job about 2 minutes (Reason=BeginTime) so that the old allocation's
+    # credential, revoked at requeue, cannot be mistaken for the new one. Credential times are
+    # whole seconds: a relaunch within the revocation's second is refused ("Job credential
+    # revoked", the task then FAILS at once; seen in CI). Wait past it, then release the task.
+    time.sleep(2.5)
     subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True, timeout=30)
     wait_gone([sub["jobs"]["a"], sub["report"]])
 
