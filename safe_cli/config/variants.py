@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .schema import RetentionVariant
 
 BUILTIN_VARIANTS: dict[str, RetentionVariant] = {
@@ -80,3 +82,21 @@ def resolve_variants(custom: dict[str, RetentionVariant]) -> dict[str, Retention
     for name in custom:
         resolved[name] = resolve(name, ())
     return resolved
+
+
+def resolve_variant(profile, name: Optional[str]) -> tuple[str, RetentionVariant]:
+    """The variant a command runs: ``name`` (--variant) or the profile's default, resolved.
+
+    Errors are SafeErrors naming the key (exit 2): a broken ``extends`` chain, an unknown name.
+    """
+    from ..errors import SafeError
+
+    try:
+        variants = resolve_variants(profile.retention.variants)
+    except VariantError as exc:
+        raise SafeError(f"{exc.key}: {exc}") from None
+    name = name or profile.retention.default_variant
+    if name not in variants:
+        raise SafeError(f"--variant: unknown variant {name!r}; known: {', '.join(sorted(variants))}")
+    return name, variants[name]
+

@@ -45,6 +45,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config.schema import AudioEncoderConfig, BaseModelConfig, Profile
+from ..config.variants import resolve_variant
 from ..errors import SafeError
 
 GIB = 2**30
@@ -390,19 +391,6 @@ class MemoryEstimate:
         }
 
 
-def _variant(profile: Profile, name: Optional[str]):
-    from ..config.variants import VariantError, resolve_variants
-
-    try:
-        variants = resolve_variants(profile.retention.variants)
-    except VariantError as exc:
-        raise SafeError(f"{exc.key}: {exc}") from None
-    name = name or profile.retention.default_variant
-    if name not in variants:
-        raise SafeError(f"--variant: unknown variant {name!r}; known: {', '.join(sorted(variants))}")
-    return name, variants[name]
-
-
 def estimate_memory(profile: Profile, variant: Optional[str] = None,
                     text_tokens: int = DEFAULT_TEXT_TOKENS) -> MemoryEstimate:
     """The whole estimate for one Stage A step and for inference; raises SafeError naming the key
@@ -411,7 +399,7 @@ def estimate_memory(profile: Profile, variant: Optional[str] = None,
     base = base_shape(base_model)
     encoder = encoder_shape(profile.audio_encoder, profile.data.max_audio_seconds)
     trainable = trainable_shape(profile, base_model, encoder.feature_dim)
-    variant_name, retention = _variant(profile, variant)
+    variant_name, retention = resolve_variant(profile, variant)
     dtype, p = profile.base.dtype, DTYPE_BYTES[profile.base.dtype]
     cfg = profile.training.stage_a
     tokens = base.num_image_tokens + text_tokens

@@ -50,6 +50,15 @@ class ExamplePool:
         return {key: value.to(device) for key, value in inputs.items()} if device is not None else inputs
 
 
+def require_avdigits(profile: Profile, stage: str) -> None:
+    """Training reads AV-digits (synthetic or FSDD + MNIST); manifests are evaluation-only so far."""
+    from ..errors import SafeError
+
+    if profile.data.source not in ("synthetic", "fsdd-mnist"):
+        raise SafeError(f"data.source: Stage {stage} trains on AV-digits (synthetic or fsdd-mnist) for now; "
+                        f"training from a {profile.data.source!r} source is not built yet")
+
+
 def avdigits_pool(profile: Profile, split: str, sample_rate: int, retention: bool = True,
                   encoder=None) -> ExamplePool:
     """The profile's AV-digits split: every task, plus VL/text questions with a distractor clip.

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import write_json
-from ..config.schema import Profile, RetentionVariant
-from ..config.variants import resolve_variants
+from ..config.schema import Profile
+from ..config.variants import resolve_variant
 from ..data.batches import PromptBatcher
 from ..errors import RunFailed, SafeError
 from ..evaluation.tasks import TaskResult, audio_accuracy_by_budget, evaluate
@@ -48,7 +48,8 @@ from ..models.builder import apply_precision, build_trainable, resolve_device
 from ..models.safe_model import SAFEModel
 from ..progress import progress_bar
 from . import run_dir as layout
-from .batches import ExamplePool, avdigits_pool, draw_budgets, row_exact_match, training_batch
+from .batches import (ExamplePool, avdigits_pool, draw_budgets, require_avdigits, row_exact_match,
+                      training_batch)
 from .checkpoint import check_fingerprint, latest_checkpoint, load_weights_into, save_checkpoint
 from .distributed import Distributed, from_environment, rank_device
 from .lifecycle import StopSignals, open_stage_dir, peak_memory_mb, prepare_stage_dir, save_weights
@@ -85,22 +86,6 @@ class StageAResult:
             "base_unchanged": self.base_unchanged, "tasks": [t.summary() for t in self.tasks],
             "audio_digit_by_budget": {str(k): v for k, v in self.audio_digit_by_budget.items()},
         }
-
-
-# --------------------------------------------------------------------------- setup helpers
-
-
-def resolve_variant(profile: Profile, name: Optional[str]) -> tuple[str, RetentionVariant]:
-    from ..config.variants import VariantError
-
-    try:
-        variants = resolve_variants(profile.retention.variants)
-    except VariantError as exc:
-        raise SafeError(f"{exc.key}: {exc}") from None
-    name = name or profile.retention.default_variant
-    if name not in variants:
-        raise SafeError(f"--variant: unknown variant {name!r}; known: {', '.join(sorted(variants))}")
-    return name, variants[name]
 
 
 def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor, distributed: Distributed) -> torch.Tensor:
@@ -148,9 +133,7 @@ class StageATrainer:
 
     def build(self) -> None:
         profile = self.profile
-        if profile.data.source not in ("synthetic", "fsdd-mnist"):
-            raise SafeError(f"data.source: Stage A trains on AV-digits (synthetic or fsdd-mnist) for now; "
-                            f"training from a {profile.data.source!r} source is not built yet")
+        require_avdigits(profile, "A")
         base, encoder = load_prepared_models(profile, self.device)
         projector, fusion = build_trainable(profile, base, encoder.feature_dim, self.seed)
         self.model = apply_precision(SAFEModel(base, projector, fusion, encoder).to(self.device), profile)

@@ -58,12 +58,13 @@ from ..rl.cost import AudioCostModel
 from ..rl.policy import AudioPolicyNetwork
 from ..rl.state import PolicyInputs, StateNormalizer, pool_policy_inputs, state_dim
 from . import run_dir as layout
-from .batches import avdigits_pool, row_exact_match, training_batch
+from .batches import avdigits_pool, require_avdigits, row_exact_match, training_batch
 from .checkpoint import check_fingerprint, latest_checkpoint, save_checkpoint
 from .distributed import from_environment, rank_device
 from .lifecycle import StopSignals, open_stage_dir, peak_memory_mb, prepare_stage_dir, save_weights
 from .retention import distillation_kl
-from .stage_a import AUDIO_INPUTS, resolve_variant
+from ..config.variants import resolve_variant
+from .stage_a import AUDIO_INPUTS
 
 # What must not change between Stage A and Stage B: it defines the model the policy drives.
 MODEL_SECTIONS = ("base", "audio_encoder", "projector", "fusion", "data")
@@ -165,9 +166,7 @@ class StageBTrainer:
 
     def build(self) -> None:
         profile = self.profile
-        if profile.data.source not in ("synthetic", "fsdd-mnist"):
-            raise SafeError(f"data.source: Stage B trains on AV-digits (synthetic or fsdd-mnist) for now; "
-                            f"training from a {profile.data.source!r} source is not built yet")
+        require_avdigits(profile, "B")
         trained = locate(self.stage_a_dir)
         self.model = load_trained_model(trained, profile, self.device)
         self.batcher = PromptBatcher(self.model.base)

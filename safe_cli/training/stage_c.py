@@ -45,7 +45,7 @@ from ..rl.state import PolicyInputs, pool_policy_inputs, state_dim
 from . import run_dir as layout
 from .batches import avdigits_pool
 from .lifecycle import open_stage_dir, peak_memory_mb
-from .stage_a import resolve_variant
+from ..config.variants import resolve_variant
 from .stage_b import POLICY_WEIGHTS, check_same_model, load_policy, stage_a_weights_dir
 
 
