@@ -136,4 +136,6 @@ def test_stage_b_on_two_ranks_makes_the_single_process_policy(single_and_double,
     one, two_metrics = _metrics(tmp_path / "one/stage-b"), _metrics(tmp_path / "two/stage-b")
     assert [r["step"] for r in two_metrics] == list(range(1, 7))
     for x, y in zip(one, two_metrics):
-        assert x["audio_usage"] == y["audio_usage"] and x["score"] == y["score"]
+        # Expected usage and score under the policy (the all-budgets estimator): equal up to rounding.
+        assert x["audio_usage"] == pytest.approx(y["audio_usage"], abs=1e-5)
+        assert x["score"] == pytest.approx(y["score"], abs=1e-5)

@@ -300,9 +300,16 @@ class StageBConfig(Section):
     )
     entropy_weight: float = Field(0.01, ge=0, description="Entropy bonus.")
     value_weight: float = Field(0.5, ge=0, description="Weight of the value baseline's squared error.")
+    estimator: Literal["all_budgets", "sampled"] = Field(
+        "all_budgets", description="all_budgets: every example is answered at every budget of the set (one "
+        "forward per budget) and the policy gradient is the exact expectation over budgets, with the value as "
+        "baseline; nothing depends on which budgets happen to be sampled, so no question type is abandoned "
+        "early. sampled: REINFORCE on one sampled budget per example (one forward; measured on the demo, it "
+        "once stopped giving audio to a question type worth +35 points). tune_adapters always samples."
+    )
     normalize_advantages: bool = Field(
-        True, description="Standardise each batch's advantages (reward - value) before the policy gradient, so "
-        "the small reward differences of a cheap price (alpha) still move the policy."
+        True, description="sampled estimator: standardise each batch's advantages (reward - value) before the "
+        "policy gradient, so the small reward differences of a cheap price (alpha) still move the policy."
     )
     lagrange_lr: float = Field(
         0.05, ge=0, description="Step size of the retention multiplier: it rises while SAFE's accuracy on VL/text "

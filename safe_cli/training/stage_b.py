@@ -303,6 +303,69 @@ class StageBTrainer:
         return loss
 
     def _step(self, step: int) -> dict[str, float]:
+        if self.cfg.estimator == "all_budgets" and self.adapter_optimizer is None:
+            record = self._step_all_budgets(step)
+        else:
+            record = self._step_sampled(step)
+        # The retention constraint: a running mean of the distractor rows' accuracy against the base's.
+        self.retention_running = 0.9 * self.retention_running + 0.1 * record["retention_score"]
+        shortfall = (self.base_retention_accuracy - self.profile.evaluation.tolerance) - self.retention_running
+        self.multiplier = max(0.0, self.multiplier + self.cfg.lagrange_lr * shortfall)
+        record["multiplier"] = self.multiplier
+        return record
+
+    def _step_all_budgets(self, step: int) -> dict[str, float]:
+        """The exact policy gradient over the budget set: sum_a grad pi(a|s) (R(s, a) - V(s)).
+
+        Every row is answered at every budget (budget-0 rows are the base's own forward), so the
+        gradient does not depend on sampling: a budget that pays is seen paying for every state.
+        """
+        cfg = self.cfg
+        rng = np.random.default_rng([self.seed, step])
+        chosen, is_retention = self._draw(rng, cfg.batch_size * self.dist.world)
+        mine = self.dist.rows(len(chosen))
+        local = pool_policy_inputs(self.model.base, self.batcher, self.train_pool, chosen[mine], self.rate)
+        inputs = self._gather_inputs(local)
+        budgets = self.policy.token_budgets
+        scores = torch.stack([
+            torch.cat(self.dist.gather(self._scores(chosen[mine], [int(b) if has else 0 for has in local.has_clip])))
+            for b in budgets.tolist()], dim=1)  # (B, n_budgets)
+        cost = torch.tensor([[self.cost_model.relative(int(b), int(n), float(sec)) if has else 0.0
+                              for b in budgets.tolist()]
+                             for n, sec, has in zip(inputs.text_length, inputs.clip_seconds, inputs.has_clip)])
+        reward = scores - cfg.alpha * cost + self.multiplier * is_retention.float()[:, None] * scores
+        logits, values = self.policy(self.normalizer(inputs.features))
+        unavailable = ~inputs.has_clip[:, None] & (budgets > 0)[None, :]
+        logits = logits.masked_fill(unavailable, torch.finfo(logits.dtype).min)
+        log_probs = logits.log_softmax(-1)
+        probs = log_probs.exp()
+        expected = (probs.detach() * reward).sum(1)  # the value's target: this policy's mean reward
+        policy_loss = -(probs * (reward - values.detach()[:, None])).sum(1).mean()
+        value_loss = F.mse_loss(values, expected)
+        entropy = -(probs * log_probs.masked_fill(unavailable, 0.0)).sum(1).mean()
+        loss = policy_loss + cfg.value_weight * value_loss - cfg.entropy_weight * entropy
+        p = probs.detach()
+        usage = p[:, budgets > 0].sum(1)
+        score = (p * scores).sum(1)
+        record = {"reward": float(expected.mean()), "score": float(score.mean()),
+                  "audio_score": float(score[~is_retention].mean()),
+                  "retention_score": float(score[is_retention].mean()),
+                  "audio_usage": float(usage.mean()),
+                  "usage_on_audio_questions": float(usage[~is_retention].mean()),
+                  "usage_on_distractors": float(usage[is_retention].mean()),
+                  "mean_budget": float((p * budgets.float()).sum(1).mean()),
+                  "relative_compute": float((p * cost).sum(1).mean()),
+                  "entropy": float(entropy.detach()), "value_loss": float(value_loss.detach())}
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = math.isfinite(float(loss.detach()))
+        if finite:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()), 1.0)
+            self.optimizer.step()
+        record["skipped"] = 0.0 if finite else 1.0
+        return record
+
+    def _step_sampled(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         rng = np.random.default_rng([self.seed, step])
         chosen, is_retention = self._draw(rng, cfg.batch_size * self.dist.world)
@@ -370,12 +433,6 @@ class StageBTrainer:
             if self.adapter_optimizer is not None:
                 self.adapter_optimizer.step()
         record["skipped"] = 0.0 if finite else 1.0
-
-        # The retention constraint: a running mean of the distractor rows' accuracy against the base's.
-        self.retention_running = 0.9 * self.retention_running + 0.1 * record["retention_score"]
-        shortfall = (self.base_retention_accuracy - self.profile.evaluation.tolerance) - self.retention_running
-        self.multiplier = max(0.0, self.multiplier + cfg.lagrange_lr * shortfall)
-        record["multiplier"] = self.multiplier
         return record
 
     # ------------------------------------------------------------------ the run
