@@ -35,6 +35,16 @@ def profile_differences(saved: dict, current: dict, prefix: str = "") -> list[st
     return out
 
 
+def saved_profile(path: Path) -> dict:
+    """A run's saved profile.yaml, with defaults filled in for keys added since it was written (so
+    a run from an older version compares equal when nothing it used changed)."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        return Profile.model_validate(raw).model_dump(mode="json")
+    except ValueError:  # a key since removed or renamed: compare as written, the difference is named
+        return raw
+
+
 def prepare_stage_dir(directory: Path, profile: Profile, resume: bool) -> None:
     """Refuse to mix two runs in one folder; on resume, refuse a changed profile."""
     has_checkpoints = latest_checkpoint(directory) is not None
@@ -43,13 +53,12 @@ def prepare_stage_dir(directory: Path, profile: Profile, resume: bool) -> None:
             f"--run-dir: {directory} already holds a run's checkpoints; pass --resume to continue it, "
             f"or choose another --run-dir/--seed"
         )
-    saved_profile = directory / layout.PROFILE_FILE
-    if resume and saved_profile.exists():
-        saved = yaml.safe_load(saved_profile.read_text())
-        differences = profile_differences(saved, profile.model_dump(mode="json"))
+    saved_path = directory / layout.PROFILE_FILE
+    if resume and saved_path.exists():
+        differences = profile_differences(saved_profile(saved_path), profile.model_dump(mode="json"))
         if differences:
             raise SafeError(
-                f"{saved_profile}: the run was started with another profile; resuming would mix two "
+                f"{saved_path}: the run was started with another profile; resuming would mix two "
                 "trainings:\n" + "\n".join(differences[:20])
             )
     directory.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,6 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from ..atomic import write_json
 from ..config.schema import Profile
@@ -100,10 +99,10 @@ class StageBResult:
 
 def check_same_model(stage_a_dir: Path, profile: Profile) -> None:
     """Refuse a profile whose model sections differ from the ones Stage A trained with."""
-    from .lifecycle import profile_differences
+    from .lifecycle import profile_differences, saved_profile
 
     saved_path = stage_a_dir / layout.PROFILE_FILE
-    saved = yaml.safe_load(saved_path.read_text())
+    saved = saved_profile(saved_path)
     current = profile.model_dump(mode="json")
     differences = []
     for section in MODEL_SECTIONS:
