@@ -313,6 +313,15 @@ class StageBTrainer:
         record["multiplier"] = self.multiplier
         return record
 
+    def _step_batch(self, step: int):
+        """The step's global batch (from the (seed, step) generator, which is returned to draw on),
+        this rank's slice of it, the slice's policy inputs and the whole batch's."""
+        rng = np.random.default_rng([self.seed, step])
+        chosen, is_retention = self._draw(rng, self.cfg.batch_size * self.dist.world)
+        mine = self.dist.rows(len(chosen))
+        local = pool_policy_inputs(self.model.base, self.batcher, self.train_pool, chosen[mine], self.rate)
+        return rng, chosen, is_retention, mine, local, self._gather_inputs(local)
+
     def _step_all_budgets(self, step: int) -> dict[str, float]:
         """The exact policy gradient over the budget set: sum_a grad pi(a|s) (R(s, a) - V(s)).
 
@@ -320,11 +329,7 @@ class StageBTrainer:
         gradient does not depend on sampling: a budget that pays is seen paying for every state.
         """
         cfg = self.cfg
-        rng = np.random.default_rng([self.seed, step])
-        chosen, is_retention = self._draw(rng, cfg.batch_size * self.dist.world)
-        mine = self.dist.rows(len(chosen))
-        local = pool_policy_inputs(self.model.base, self.batcher, self.train_pool, chosen[mine], self.rate)
-        inputs = self._gather_inputs(local)
+        _, chosen, is_retention, mine, local, inputs = self._step_batch(step)
         budgets = self.policy.token_budgets
         scores = torch.stack([
             torch.cat(self.dist.gather(self._scores(chosen[mine], [int(b) if has else 0 for has in local.has_clip])))
@@ -366,11 +371,7 @@ class StageBTrainer:
 
     def _step_sampled(self, step: int) -> dict[str, float]:
         cfg = self.cfg
-        rng = np.random.default_rng([self.seed, step])
-        chosen, is_retention = self._draw(rng, cfg.batch_size * self.dist.world)
-        mine = self.dist.rows(len(chosen))
-        local = pool_policy_inputs(self.model.base, self.batcher, self.train_pool, chosen[mine], self.rate)
-        inputs = self._gather_inputs(local)
+        rng, chosen, is_retention, mine, local, inputs = self._step_batch(step)
         states = self.normalizer(inputs.features)
         with torch.no_grad():
             logits, _ = self.policy(states)
