@@ -10,6 +10,7 @@ import torch
 from safe_cli.config import load_profile
 from safe_cli.models import AudioProjector, CrossAttentionBlock, build_safe_model, fingerprint_module
 from safe_cli.models.bypass import perturb_adapters
+from safe_cli.models.fusion_adapter import attend_few_keys
 from safe_cli.models.probe import probe_audio, probe_batch
 from safe_cli.rl.policy import AudioPolicyNetwork
 
@@ -165,6 +166,45 @@ def test_null_slot_lets_a_query_attend_to_nothing():
         nothing = block(states, tokens, torch.zeros(2, 3, dtype=torch.bool))
     assert not torch.allclose(attending, states)
     assert torch.equal(nothing, states)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_few_key_attention_equals_sdpa_with_grouped_heads_and_masks(kv_heads):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 7, 4, 8, generator=generator)
+    k, v = torch.randn(2, 3, 5, kv_heads, 8, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask[:, None, None, :], enable_gqa=kv_heads != 4,
+    ).transpose(1, 2).reshape(3, 7, 32)
+    torch.testing.assert_close(attend_few_keys(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(attend_few_keys(q * 8**-0.5, k, v, mask, scale=1.0), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_inference_fold_matches_the_lora_layers_and_follows_weight_changes(perturbed_model):
+    """Without grad the blocks fold LoRA and gate into their weights; the answer must stay the
+    training computation's (to float rounding), also after an optimizer-style in-place update
+    and after load_state_dict, which must not leave a stale fold behind."""
+    inputs, audio, budget = mixed_batch(perturbed_model, [4, 12, 8])
+    features = perturbed_model.encode_audio(audio)
+
+    def logits(grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):
+            return perturbed_model(token_budget=budget, audio_features=features, **inputs).logits.detach()
+
+    before = logits(False)
+    torch.testing.assert_close(before, logits(True), atol=1e-5, rtol=1e-5)
+    block = perturbed_model.fusion.block(perturbed_model.fusion.layers[0])
+    snapshot = {name: value.clone() for name, value in perturbed_model.fusion.state_dict().items()}
+    with torch.no_grad():
+        block.q_proj.lora_B["default"].weight.add_(0.5)  # what an optimizer step does: in place
+        block.gate.add_(0.2)
+    changed = logits(False)
+    assert not torch.allclose(changed, before, atol=1e-4)
+    torch.testing.assert_close(changed, logits(True), atol=1e-5, rtol=1e-5)
+    perturbed_model.fusion.load_state_dict(snapshot)
+    torch.testing.assert_close(logits(False), before, atol=0, rtol=0)
 
 
 def test_projector_tokens_are_nested():

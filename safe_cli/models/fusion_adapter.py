@@ -21,9 +21,47 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def attend_few_keys(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Softmax attention of many queries over a handful of keys (at most K_max + 1 here).
+
+    q is (B, L, heads, d); k and v are (B, S, kv_heads, d), as the projections give them;
+    ``key_mask`` (B, S) is True on keys a query may see; ``scale`` defaults to d ** -0.5 (pass
+    1.0 when q is already scaled). Returns (B, L, heads * d), equal to
+    ``scaled_dot_product_attention`` up to float rounding. Query head h reads k/v head
+    h // (heads // kv_heads), the grouped-query convention of Llama and of SDPA's enable_gqa.
+
+    Why not SDPA: on CPU, SDPA and a softmax over a last dimension of a few elements both run
+    a slow per-row loop. For S = 9 keys over 32 heads x 49 queries that takes 180 us; the same
+    softmax over dimension -2 of the transposed scores takes 13 us (torch 2.13, AVX-512, see
+    bench/bypass_overhead.py). So the scores are laid out (keys, queries). They are only S/d
+    the size of q, so materialising them costs nothing on any device. Grouped queries share
+    their k/v head through the layout, not through copies of k and v.
+    """
+    batch, length, heads, dim = q.shape
+    keys, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    # (B, kv_heads, d, group * L): the queries of one k/v head side by side.
+    queries = q.view(batch, length, kv_heads, group, dim).permute(0, 2, 4, 3, 1).reshape(batch, kv_heads, dim, group * length)
+    scores = torch.matmul(k.transpose(1, 2), queries)  # (B, kv_heads, S, group * L)
+    if scale != 1.0:
+        scores = scores * (dim**-0.5 if scale is None else scale)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.bool()[:, None, :, None], torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-2).to(v.dtype)
+    out = torch.matmul(weights.transpose(-1, -2), v.transpose(1, 2))  # (B, kv_heads, group * L, d)
+    return out.view(batch, kv_heads, group, length, dim).permute(0, 3, 1, 2, 4).reshape(batch, length, heads * dim)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -59,6 +97,7 @@ class CrossAttentionBlock(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=bias)
         self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
         self.null_key = nn.Parameter(torch.zeros(self.num_kv_heads * self.head_dim)) if null_slot else None
+        self._fold_cache: Optional[tuple] = None  # inference-only fold of LoRA deltas and gate
 
     def forward(
         self,
@@ -67,24 +106,105 @@ class CrossAttentionBlock(nn.Module):
         audio_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         batch, length, _ = llm_states.shape
-        kv_len = audio_tokens.shape[1]
-        q = self.q_proj(self.norm_query(llm_states))
+        folded = self._folded_weights()
         audio = self.norm_audio(audio_tokens)
-        k, v = self.k_proj(audio), self.v_proj(audio)
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        if self.null_key is not None:
-            k = torch.cat([self.null_key.to(k.dtype).expand(batch, 1, -1), k], 1)
-            v = torch.cat([v.new_zeros(batch, 1, v.shape[-1]), v], 1)
-            kv_len += 1
-            if audio_mask is not None:
-                audio_mask = torch.cat([audio_mask.new_ones(batch, 1), audio_mask.bool()], 1)
-        k = k.view(batch, kv_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, kv_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        mask = None if audio_mask is None else audio_mask.bool()[:, None, None, :]
-        gqa = self.num_kv_heads != self.num_heads  # grouped-query: SDPA shares each k/v head
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        attended = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
-        return llm_states + torch.tanh(self.gate) * attended
+        if folded is None:
+            q = self.q_proj(self.norm_query(llm_states))
+            k, v = self.k_proj(audio), self.v_proj(audio)
+            if self.null_key is not None:
+                k = torch.cat([self.null_key.to(k.dtype).expand(batch, 1, -1), k], 1)
+                v = torch.cat([v.new_zeros(batch, 1, v.shape[-1]), v], 1)
+            scale = None
+        else:
+            q = F.linear(self.norm_query(llm_states), folded["q"], folded["q_bias"])  # pre-scaled
+            kv = F.linear(audio, folded["kv"], folded["kv_bias"])
+            if self.null_key is not None:  # the null key and its zero value, one row
+                kv = torch.cat([folded["null_kv"].expand(batch, 1, -1), kv], 1)
+            k, v = kv.split(self.num_kv_heads * self.head_dim, -1)
+            scale = 1.0
+        if self.null_key is not None and audio_mask is not None:
+            audio_mask = torch.cat([audio_mask.new_ones(batch, 1), audio_mask.bool()], 1)
+        attended = attend_few_keys(
+            q.view(batch, length, self.num_heads, self.head_dim),
+            k.view(batch, -1, self.num_kv_heads, self.head_dim),
+            v.view(batch, -1, self.num_kv_heads, self.head_dim),
+            audio_mask,
+            scale,
+        )
+        if folded is None:
+            return llm_states + torch.tanh(self.gate) * self.o_proj(attended)
+        # tanh(gate) is folded into o. The residual add stays a separate float32 add so that,
+        # under bf16 autocast, the hidden state is not rounded to bf16 on its way through.
+        return llm_states + F.linear(attended, folded["o"], folded["o_bias"])
+
+    def _folded_weights(self) -> Optional[dict[str, Optional[torch.Tensor]]]:
+        """q (pre-scaled), fused k|v and gated o weights with the LoRA deltas folded in, for inference.
+
+        Training runs peft's LoRA layers as they are (the deltas need their own gradients). With
+        grad off and no live dropout, ``W x + s B A x`` equals ``(W + s B A) x`` up to float
+        rounding, and the folded form is one matrix product instead of three plus peft's
+        dispatch, which on the demo model is most of a fused layer's cost. The fold is cached
+        and recomputed whenever a source tensor changes: optimizer steps and ``load_state_dict``
+        bump a tensor's version, ``.to()`` moves its storage, and ``_apply`` (``.to``, ``.float``)
+        drops the cache in case it replaced the tensors themselves.
+        """
+        if torch.is_grad_enabled() or not isinstance(self.q_proj, LoraLinear):
+            return None
+        if self.training and any(not isinstance(layer.lora_dropout[a], nn.Identity)
+                                 for layer in self._projections() for a in layer.active_adapters):
+            return None  # dropout is live: keep the exact training computation
+        cache = self._fold_cache
+        if cache is not None:
+            sources, key, folded = cache
+            if key == tuple((t.data_ptr(), t._version) for t in sources):
+                return folded
+        sources = self._fold_sources()
+        with torch.inference_mode(False), torch.no_grad():
+            weights = {name: self._folded(getattr(self, f"{name}_proj")) for name in "qkvo"}
+            gate = torch.tanh(self.gate.detach())
+            scale = self.head_dim**-0.5  # the attention's scale, applied once to q's weights
+            folded = {
+                "q": scale * weights["q"][0], "q_bias": None if weights["q"][1] is None else scale * weights["q"][1],
+                "kv": torch.cat([weights["k"][0], weights["v"][0]]),
+                "kv_bias": None if weights["k"][1] is None else torch.cat([weights["k"][1], weights["v"][1]]),
+                "o": gate * weights["o"][0], "o_bias": None if weights["o"][1] is None else gate * weights["o"][1],
+                "null_kv": None if self.null_key is None
+                else torch.cat([self.null_key.detach(), torch.zeros_like(self.null_key)]).view(1, 1, -1),
+            }
+        self._fold_cache = (sources, tuple((t.data_ptr(), t._version) for t in sources), folded)
+        return folded
+
+    def _fold_sources(self) -> list[torch.Tensor]:
+        sources = [self.gate] + ([] if self.null_key is None else [self.null_key])
+        for layer in self._projections():
+            base = layer.get_base_layer()
+            sources += [t for t in (base.weight, base.bias) if t is not None]
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A and not layer.disable_adapters:
+                    sources += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+        return sources
+
+    def _apply(self, fn, recurse=True):
+        self._fold_cache = None  # .to()/.float() may replace the tensors the fold was built from
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fold_cache = None  # load_state_dict(assign=True) replaces tensors instead of copying
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _projections(self) -> tuple[nn.Module, ...]:
+        return (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+
+    @staticmethod
+    def _folded(layer: "LoraLinear") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        base = layer.get_base_layer()
+        weight = base.weight.detach().clone()
+        if not layer.disable_adapters:
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    weight += layer.get_delta_weight(adapter).to(weight.dtype)  # peft's own B A * scaling
+        bias = None if base.bias is None else base.bias.detach().clone()
+        return weight, bias
 
     @torch.no_grad()
     def load_attention_weights(self, attention: nn.Module) -> None:

@@ -106,6 +106,7 @@ class SAFEModel(nn.Module):
     def _fusion_hooks(self, rows: Optional[torch.Tensor], tokens: torch.Tensor, mask: Optional[torch.Tensor]):
         """Fuse audio into the output of each chosen decoder layer; ``rows`` None means every row."""
         handles = []
+        dtype = self.projector.queries.dtype
         for layer in self.fusion.layers:
             block = self.fusion.block(layer)
 
@@ -113,7 +114,6 @@ class SAFEModel(nn.Module):
                 hidden = output[0] if isinstance(output, tuple) else output
                 # The block's residual stream runs in the trainable parts' dtype (float32), also
                 # under autocast, where only its matrix products drop to bfloat16.
-                dtype = self.projector.queries.dtype
                 with self._autocast(hidden.device):
                     if rows is None:
                         merged = block(hidden.to(dtype), tokens, mask).to(hidden.dtype)
@@ -179,26 +179,30 @@ class SAFEModel(nn.Module):
         token_budget = torch.as_tensor(token_budget, dtype=torch.long).to(input_ids.device)
         if token_budget.shape != (batch,):
             raise ValueError(f"token_budget must have shape ({batch},), got {tuple(token_budget.shape)}")
-        if int(token_budget.min()) < 0 or int(token_budget.max()) > self.projector.num_audio_tokens:
+        # One transfer to Python answers every question below (range, rows, uniformity); a
+        # handful of tensor reductions would each cost a kernel launch and a device sync.
+        budgets = token_budget.tolist()
+        if min(budgets) < 0 or max(budgets) > self.projector.num_audio_tokens:
             raise ValueError(f"token budgets must be in 0..{self.projector.num_audio_tokens}")
 
-        rows = torch.nonzero(token_budget > 0).flatten()
-        if rows.numel() == 0:
+        row_list = [i for i, budget in enumerate(budgets) if budget > 0]
+        if not row_list:
             yield  # no encoder, no hooks: the base itself
             return
 
-        every_row = rows.numel() == batch  # common in training; skips copying (B, 1500, D) features
+        every_row = len(row_list) == batch  # common in training; skips copying (B, 1500, D) features
+        rows = None if every_row else torch.tensor(row_list, device=input_ids.device)
 
         def select(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            if tensor is None or every_row:
+            if tensor is None or rows is None:
                 return tensor
             return tensor.index_select(0, rows.to(tensor.device))
 
-        row_audio = None if audio is None else [audio[i] for i in rows.tolist()]
+        row_audio = None if audio is None else [audio[i] for i in row_list]
         tokens, mask = self.audio_tokens(
             select(token_budget), row_audio, select(audio_features), select(audio_frame_mask)
         )
-        if bool(mask.all()):
-            mask = None  # every row uses all k_max tokens: SDPA's unmasked kernel is faster
-        with self._fusion_hooks(None if every_row else rows, tokens, mask):
+        if len({budgets[i] for i in row_list}) == 1:
+            mask = None  # every fused row uses all k_max tokens: no key mask to apply
+        with self._fusion_hooks(rows, tokens, mask):
             yield
