@@ -204,7 +204,8 @@ def test_extends_unknown_profile_is_an_error(tmp_path):
 # --------------------------------------------------------------------------- retention variants
 
 
-def test_builtin_variants_have_the_seed_weights():
+def test_builtin_variants_have_the_documented_weights():
+    # The seed's five, with the KL weight raised from 0.2 to 3.0 (variants.py says why).
     v = resolve_variants({})
     assert list(v) == ["no_retention", "soft_retention", "fisher_retention", "nullspace_retention", "full_retention"]
 
@@ -214,16 +215,16 @@ def test_builtin_variants_have_the_seed_weights():
     assert v["no_retention"].enable_null_space is False
 
     assert v["soft_retention"].retention_loss_weight == 1.0
-    assert v["soft_retention"].distillation_weight == 0.2
+    assert v["soft_retention"].distillation_weight == 3.0
     assert v["soft_retention"].fisher_weight == 0.0
     assert v["soft_retention"].enable_null_space is False
 
-    assert v["fisher_retention"].distillation_weight == 0.2
+    assert v["fisher_retention"].distillation_weight == 3.0
     assert v["fisher_retention"].fisher_weight == 0.1
     assert v["fisher_retention"].enable_null_space is False
 
     nullspace = v["nullspace_retention"]
-    assert (nullspace.distillation_weight, nullspace.fisher_weight) == (0.2, 0.0)
+    assert (nullspace.distillation_weight, nullspace.fisher_weight) == (3.0, 0.0)
     assert nullspace.enable_null_space is True
     assert (nullspace.null_space_rank, nullspace.null_space_min_samples, nullspace.null_space_refresh_interval) == (
         8,
@@ -232,14 +233,14 @@ def test_builtin_variants_have_the_seed_weights():
     )
 
     full = v["full_retention"]
-    assert (full.retention_loss_weight, full.distillation_weight, full.fisher_weight) == (1.0, 0.2, 0.1)
+    assert (full.retention_loss_weight, full.distillation_weight, full.fisher_weight) == (1.0, 3.0, 0.1)
     assert full.enable_null_space is True
     assert (full.null_space_rank, full.null_space_min_samples, full.null_space_refresh_interval) == (8, 128, 4000)
 
 
 def test_variant_extends_inherits_unset_fields():
     v = resolve_variants({"mine": RetentionVariant(extends="soft_retention", fisher_weight=0.5)})
-    assert v["mine"].distillation_weight == 0.2
+    assert v["mine"].distillation_weight == 3.0
     assert v["mine"].fisher_weight == 0.5
     assert v["mine"].retention_loss_weight == 1.0
     assert v["mine"].extends is None
@@ -257,7 +258,7 @@ def test_variant_extends_through_a_profile_file(tmp_path):
     )
     profile = load_profile(str(path))
     mine = resolve_variants(profile.retention.variants)["mine"]
-    assert (mine.distillation_weight, mine.fisher_weight) == (0.2, 0.5)
+    assert (mine.distillation_weight, mine.fisher_weight) == (3.0, 0.5)
 
 
 def test_variant_chain_of_custom_variants():
@@ -274,7 +275,7 @@ def test_override_of_builtin_keeps_its_other_fields():
     v = resolve_variants({"full_retention": RetentionVariant(fisher_weight=0.3)})
     full = v["full_retention"]
     assert full.fisher_weight == 0.3
-    assert full.distillation_weight == 0.2
+    assert full.distillation_weight == 3.0
     assert full.enable_null_space is True
     assert (full.null_space_rank, full.null_space_min_samples, full.null_space_refresh_interval) == (8, 128, 4000)
     assert full.description == BUILTIN_VARIANTS["full_retention"].description

@@ -114,7 +114,7 @@ def test_unknown_variant_names_the_known_ones(cache, tmp_path):
 
 def test_a_custom_variant_from_the_profile_trains(cache, tmp_path):
     extra = ["retention.variants.kl_only_strong.extends=soft_retention",
-             "retention.variants.kl_only_strong.distillation_weight=1.0"]
+             "retention.variants.kl_only_strong.distillation_weight=6.0"]
     result = train_stage_a(load_profile("demo", FAST + extra), variant="kl_only_strong", seed=0,
                            run_dir=tmp_path / "run")
     assert result.variant == "kl_only_strong" and result.base_unchanged
