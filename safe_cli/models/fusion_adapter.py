@@ -50,7 +50,7 @@ def attend_few_keys(
     their k/v head through the layout, not through copies of k and v.
     """
     batch, length, heads, dim = q.shape
-    keys, kv_heads = k.shape[1], k.shape[2]
+    kv_heads = k.shape[2]
     group = heads // kv_heads
     # (B, kv_heads, d, group * L): the queries of one k/v head side by side.
     queries = q.view(batch, length, kv_heads, group, dim).permute(0, 2, 4, 3, 1).reshape(batch, kv_heads, dim, group * length)
@@ -119,7 +119,7 @@ class CrossAttentionBlock(nn.Module):
             q = F.linear(self.norm_query(llm_states), folded["q"], folded["q_bias"])  # pre-scaled
             kv = F.linear(audio, folded["kv"], folded["kv_bias"])
             if self.null_key is not None:  # the null key and its zero value, one row
-                kv = torch.cat([folded["null_kv"].expand(batch, 1, -1), kv], 1)
+                kv = torch.cat([folded["null_kv"].to(kv.dtype).expand(batch, 1, -1), kv], 1)
             k, v = kv.split(self.num_kv_heads * self.head_dim, -1)
             scale = 1.0
         if self.null_key is not None and audio_mask is not None:
@@ -159,6 +159,8 @@ class CrossAttentionBlock(nn.Module):
             if key == tuple((t.data_ptr(), t._version) for t in sources):
                 return folded
         sources = self._fold_sources()
+        if any(t.is_inference() for t in sources):
+            return None  # weights made under inference_mode have no version counter to watch
         with torch.inference_mode(False), torch.no_grad():
             weights = {name: self._folded(getattr(self, f"{name}_proj")) for name in "qkvo"}
             gate = torch.tanh(self.gate.detach())
