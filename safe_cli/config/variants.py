@@ -3,8 +3,9 @@
 The KL weight is 3.0, not the seed's 0.2. With 0.2 the answer loss outweighed retention: on
 avdigits (1,500 steps, 3 seeds) every retention variant regressed VL/text questions with a
 distractor clip by 4-6 points on average (soft_retention seed 1: -2.5, -1.0, -10.5, -10.0).
-At 3.0 (seed 1) soft, fisher and full retention keep every such task within 0.5 points of
-the base (nullspace: -1.0 on two tasks, 2 of 200 examples) with spoken digits at 95-98.5%.
+At 3.0 (seeds 1-3) soft and full retention keep every such task within 0.5 points of the
+base on average, fisher and nullspace are at -0.7 on one task each (200 examples a task, so
+0.5 points is one example), with spoken digits at 94.5-98.5%.
 Scaling the whole retention loss instead (retention_loss_weight 15) also scaled the Fisher
 penalty and cost fisher_retention 16 points of spoken-digit accuracy, so only the KL moved.
 """
