@@ -86,6 +86,17 @@ class SAFEModel(nn.Module):
         frame_mask: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (n, k_max, H) and their validity mask (n, k_max) for rows with budgets > 0."""
+        tokens = self._project_audio(int(budgets.max()), audio, audio_features, frame_mask)
+        return tokens, self._token_mask(budgets, tokens.shape[1]).to(tokens.device)
+
+    def _project_audio(
+        self,
+        k_max: int,
+        audio: Optional[Sequence[Waveform]],
+        audio_features: Optional[torch.Tensor],
+        frame_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """The first ``k_max`` projector tokens of each row's clip (encoding it when needed)."""
         if audio_features is None:
             if audio is None:
                 raise ValueError("rows with a token budget > 0 need audio or audio_features")
@@ -94,11 +105,12 @@ class SAFEModel(nn.Module):
                 batch_mask = getattr(self.audio_encoder, "batch_mask", None)
                 rows = None if batch_mask is None else batch_mask(audio)
                 frame_mask = None if rows is None else rows.to(audio_features.device)
-        k_max = int(budgets.max())
         with self._autocast(audio_features.device):
-            tokens = self.projector(audio_features, k_max, frame_mask)
-        mask = torch.arange(k_max, device=budgets.device)[None, :] < budgets[:, None]
-        return tokens, mask.to(tokens.device)
+            return self.projector(audio_features, k_max, frame_mask)
+
+    @staticmethod
+    def _token_mask(budgets: torch.Tensor, k_max: int) -> torch.Tensor:
+        return torch.arange(k_max, device=budgets.device)[None, :] < budgets[:, None]
 
     # ------------------------------------------------------------------ forward
 
@@ -199,10 +211,9 @@ class SAFEModel(nn.Module):
             return tensor.index_select(0, rows.to(tensor.device))
 
         row_audio = None if audio is None else [audio[i] for i in row_list]
-        tokens, mask = self.audio_tokens(
-            select(token_budget), row_audio, select(audio_features), select(audio_frame_mask)
-        )
-        if len({budgets[i] for i in row_list}) == 1:
-            mask = None  # every fused row uses all k_max tokens: no key mask to apply
+        row_budgets = [budgets[i] for i in row_list]
+        tokens = self._project_audio(max(row_budgets), row_audio, select(audio_features), select(audio_frame_mask))
+        # Every fused row using all k_max tokens (the common case) needs no key mask.
+        mask = None if len(set(row_budgets)) == 1 else self._token_mask(select(token_budget), tokens.shape[1]).to(tokens.device)
         with self._fusion_hooks(rows, tokens, mask):
             yield
