@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from safe_cli.config import load_profile
-from safe_cli.models import AudioProjector, CrossAttentionBlock, build_safe_model, fingerprint_module
+from safe_cli.models import AudioProjector, CrossAttentionBlock, FusionAdapter, build_safe_model, fingerprint_module
 from safe_cli.models.bypass import perturb_adapters
 from safe_cli.models.fusion_adapter import attend_few_keys
 from safe_cli.models.probe import probe_audio, probe_batch
@@ -205,6 +205,69 @@ def test_inference_fold_matches_the_lora_layers_and_follows_weight_changes(pertu
     torch.testing.assert_close(changed, logits(True), atol=1e-5, rtol=1e-5)
     perturbed_model.fusion.load_state_dict(snapshot)
     torch.testing.assert_close(logits(False), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("null_slot", [True, False])
+@pytest.mark.parametrize("lora", [True, False])
+def test_absorbed_inference_equals_the_training_computation(kv_heads, bias, null_slot, lora):
+    """Grad off, a block absorbs q and o into each clip's keys and values (AudioReadout); its
+    output must be the training path's (peft's LoRA layers, q and o per position) to float
+    rounding, with grouped heads, biases, masks, and with or without the null slot."""
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(hidden_size=32, num_attention_heads=4, num_key_value_heads=kv_heads,
+                                bias=bias, null_slot=null_slot)
+    if lora:
+        adapter = FusionAdapter([0], 32, 4, kv_heads, bias=bias, null_slot=null_slot)
+        attention = torch.nn.Module()
+        for name, out in [("q_proj", 32), ("k_proj", 8 * kv_heads), ("v_proj", 8 * kv_heads), ("o_proj", 32)]:
+            setattr(attention, name, torch.nn.Linear(32 if name != "o_proj" else 32, out, bias=bias))
+        adapter.init_from_base({0: attention}, rank=4, alpha=8, dropout=0.0)
+        block = adapter.block(0)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.3)
+        block.gate.fill_(0.7)
+    states, tokens = torch.randn(3, 11, 32), torch.randn(3, 5, 32)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    for key_mask in (None, mask):
+        exact_readout = block.read_audio(tokens, key_mask)
+        assert not exact_readout.absorbed
+        exact = block.fuse(states, exact_readout).detach()
+        with torch.no_grad():
+            readout = block.read_audio(tokens, key_mask)
+            assert readout.absorbed and readout.keys.shape == (3, 4 * (5 + null_slot), 32)
+            absorbed = block.fuse(states, readout)
+        assert not torch.allclose(exact, states, atol=1e-3)
+        torch.testing.assert_close(absorbed, exact, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_generate_reads_the_audio_once_and_decodes_as_step_by_step_forwards(monkeypatch):
+    """generate() runs the fusion hooks at every decoding step with the KV cache; the audio
+    readout is computed once per call, and the greedy tokens must be those of full forwards
+    re-run at every step, with and without audio in the same batch."""
+    model = build_safe_model(load_profile("demo"))
+    perturb_adapters(model, gate=0.9, scale=0.5)
+    inputs, audio, budget = mixed_batch(model, [0, 8, 12, 4], seed=3)
+    features = model.encode_audio(audio)
+    reads = []
+    original = CrossAttentionBlock.read_audio
+    monkeypatch.setattr(CrossAttentionBlock, "read_audio", lambda self, *a, **k: reads.append(1) or original(self, *a, **k))
+    steps = 4
+    generated = model.generate(**inputs, token_budget=budget, audio_features=features, max_new_tokens=steps,
+                               min_new_tokens=steps, do_sample=False)
+    assert len(reads) == len(model.fusion.layers)
+    ids, attention = inputs["input_ids"], inputs["attention_mask"]
+    for _ in range(steps):
+        logits = model(input_ids=ids, attention_mask=attention, pixel_values=inputs["pixel_values"],
+                       token_budget=budget, audio_features=features).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], 1)
+    assert torch.equal(generated[:, -steps:], ids[:, -steps:])
+    without_audio = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    assert not torch.equal(generated[1:, -steps:], without_audio[1:, -steps:])
 
 
 def test_projector_tokens_are_nested():

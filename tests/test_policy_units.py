@@ -11,9 +11,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from safe_cli.models.audio_encoders import WhisperEncoder
-from safe_cli.models.fusion_adapter import FusionAdapter
+from safe_cli.models.fusion_adapter import CrossAttentionBlock, FusionAdapter
 from safe_cli.models.projectors import AudioProjector
-from safe_cli.rl.cost import AudioCostModel, FusionDims, WhisperDims, whisper_dims
+from safe_cli.rl.cost import AudioCostModel, FusionDims, WhisperDims, fusion_dims, whisper_dims
 from safe_cli.rl.gate import AudioGate, GateError
 from safe_cli.rl.policy import AudioPolicyNetwork
 from safe_cli.rl.state import StateNormalizer, clip_statistics
@@ -78,22 +78,33 @@ def test_whisper_formula_agrees_with_torchs_flop_counter_plus_attention():
 
 
 def test_fusion_cost_matches_a_hand_count():
-    # H 16, 2 heads of 8 (Hq = Hkv = 16), 1 layer, LoRA rank 2, null slot; D 8, frame_pool 1, W 32.
-    dims = FusionDims(hidden=16, query_width=16, kv_width=16, layers=1, lora_rank=2, null_slot=True,
+    # H 16, 2 heads of 8 (Hq = Hkv = 16), 1 layer, null slot; D 8, frame_pool 1, W 32.
+    dims = FusionDims(hidden=16, heads=2, query_width=16, kv_width=16, layers=1, null_slot=True,
                       feature_dim=8, frame_pool=1, projector_mlp=32)
     k, length, frames = 4, 10, 6
     # projector: 2*2*4*6*8 + 2*4*8*16 + 2*2*4*16*32 = 768 + 1024 + 8192
     assert dims.projector_flops(k, frames) == 768 + 1024 + 8192
-    # q,o 2*2*10*16*16 + 2*2*10*2*32 = 10240 + 2560; k,v 2*2*4*16*16 + 2*2*4*2*32 = 4096 + 1024;
-    # attention 2*2*10*5*16 = 3200
-    assert dims.layer_flops(k, length) == 10240 + 2560 + 4096 + 1024 + 3200
+    # k,v 2*2*4*16*16 = 4096; absorb 2*2*5*16*16 = 5120; attend 2*2*10*2*5*16 = 6400
+    assert dims.layer_flops(k, length) == 4096 + 5120 + 6400
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_fused_layer_cost_is_what_the_inference_path_computes(kv_heads):
+    """The formula must count the matrix products a fused layer really runs at inference (the
+    absorbed path), as torch's FLOP counter sees them."""
+    block = CrossAttentionBlock(hidden_size=32, num_attention_heads=4, num_key_value_heads=kv_heads)
+    dims = fusion_dims(AudioProjector(8, 32, 12), FusionAdapter([0], 32, 4, kv_heads))
+    k, length = 5, 7
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        block.fuse(torch.randn(2, length, 32), block.read_audio(torch.randn(2, k, 32)))
+    assert counter.get_total_flops() == 2 * dims.layer_flops(k, length)
 
 
 def test_relative_cost_is_zero_at_budget_zero_one_at_the_largest_and_grows_with_k():
     encoder = WhisperEncoder.tiny(32, 2, 4, window_seconds=2.0)
     projector = AudioProjector(32, 16, 12)
     fusion = FusionAdapter([0, 1], 16, 2)
-    model = AudioCostModel.build(encoder, projector, fusion, lora_rank=0, max_budget=12)
+    model = AudioCostModel.build(encoder, projector, fusion, max_budget=12)
     costs = [model.relative(k, 20, 1.0) for k in (0, 4, 8, 12)]
     assert costs[0] == 0.0 and costs[-1] == 1.0
     assert costs[1] < costs[2] < costs[3]

@@ -106,7 +106,7 @@ def eval_retention(
         raise SafeError(f"--data: no usable examples ({len(dataset.skipped)} unreadable file(s))")
     budgets = list(resolved.policy.token_budgets)
     decider = load_decider(trained, state_dim(model.base.hidden_size), resolved)
-    cost_model = AudioCostModel.for_model(model, resolved.fusion.lora_rank, max(budgets))
+    cost_model = AudioCostModel.for_model(model, max(budgets))
     context = {
         "profile": resolved.name, "variant": trained.variant, "seed": trained.seed, "stage": trained.stage,
         "weights": str(trained.weights_path), "step": trained.step, "base_fingerprint": model.base_fingerprint(),

@@ -16,7 +16,7 @@ deltas through peft, so the adapter begins by attending the way the layer alread
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,33 @@ def attend_few_keys(
     return out.view(batch, kv_heads, group, length, dim).permute(0, 3, 1, 2, 4).reshape(batch, length, heads * dim)
 
 
+class AudioReadout(NamedTuple):
+    """What a block reads from the audio before it sees any text (``CrossAttentionBlock.read_audio``).
+
+    Training (grad on): ``keys``/``values`` are the audio's k and v, (B, S, kv_heads, d), and
+    ``key_mask`` (B, S) marks the keys a query may see.
+
+    Inference (grad off, ``absorbed``): the block's output is
+    ``sum_h softmax_s(q_h . k_hs) (v_hs W_o,h)`` with ``q_h = W_q,h x``. Since
+    ``q_h . k_hs = x . (W_q,h^T k_hs)``, each key is taken through its head's query weights and
+    each value through its head's output weights once per clip, giving ``keys`` and ``values``
+    of shape (B, heads * S, H); ``key_bias`` (B, heads * S, 1) holds the q-bias terms and the
+    masked keys. Per text position the block then costs two products with heads * S columns
+    instead of the q and o projections' H each: for LLaVA-7B with 13 keys, 416 against 4,096.
+    It pays from a few dozen text positions on, and in every ``generate`` step, where the
+    readout is reused (``bench/fusion_absorb.py``: 3.4-4.3x per layer at 600 positions and
+    H 512-1024; 0.95x on the demo's 64-wide layer, where small ops dominate either way).
+    DeepSeek-V2's MLA absorbs its projections into cached keys the same way at inference.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_mask: Optional[torch.Tensor] = None
+    key_bias: Optional[torch.Tensor] = None
+    out_bias: Optional[torch.Tensor] = None
+    absorbed: bool = False
+
+
 class CrossAttentionBlock(nn.Module):
     """One gated cross-attention block.
 
@@ -105,53 +132,91 @@ class CrossAttentionBlock(nn.Module):
         audio_tokens: torch.Tensor,
         audio_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        batch, length, _ = llm_states.shape
-        folded = self._folded_weights()
+        return self.fuse(llm_states, self.read_audio(audio_tokens, audio_mask))
+
+    def read_audio(self, audio_tokens: torch.Tensor, audio_mask: Optional[torch.Tensor] = None) -> AudioReadout:
+        """Everything the block computes from the audio alone, before it sees any text.
+
+        None of it depends on the text, so ``SAFEModel`` calls this once per forward (and once
+        per ``generate`` call, not at every decoding step) and ``fuse`` reads the result at each
+        fused layer.
+
+        With grad on (training) the readout is the audio's keys and values, from peft's LoRA
+        layers as they are. With grad off it is *absorbed* (see ``AudioReadout``).
+        """
+        batch = audio_tokens.shape[0]
         audio = self.norm_audio(audio_tokens)
+        if self.null_key is not None and audio_mask is not None:
+            audio_mask = torch.cat([audio_mask.new_ones(batch, 1), audio_mask.bool()], 1)
+        folded = self._folded_weights()
         if folded is None:
-            q = self.q_proj(self.norm_query(llm_states))
             k, v = self.k_proj(audio), self.v_proj(audio)
             if self.null_key is not None:
                 k = torch.cat([self.null_key.to(k.dtype).expand(batch, 1, -1), k], 1)
                 v = torch.cat([v.new_zeros(batch, 1, v.shape[-1]), v], 1)
-            scale = None
-        else:
-            q = F.linear(self.norm_query(llm_states), folded["q"], folded["q_bias"])  # pre-scaled
-            kv = F.linear(audio, folded["kv"], folded["kv_bias"])
-            if self.null_key is not None:  # the null key and its zero value, one row
-                kv = torch.cat([folded["null_kv"].to(kv.dtype).expand(batch, 1, -1), kv], 1)
-            k, v = kv.split(self.num_kv_heads * self.head_dim, -1)
-            scale = 1.0
-        if self.null_key is not None and audio_mask is not None:
-            audio_mask = torch.cat([audio_mask.new_ones(batch, 1), audio_mask.bool()], 1)
-        attended = attend_few_keys(
-            q.view(batch, length, self.num_heads, self.head_dim),
-            k.view(batch, -1, self.num_kv_heads, self.head_dim),
-            v.view(batch, -1, self.num_kv_heads, self.head_dim),
-            audio_mask,
-            scale,
-        )
-        if folded is None:
+            shape = (batch, -1, self.num_kv_heads, self.head_dim)
+            return AudioReadout(k.view(shape), v.view(shape), key_mask=audio_mask)
+
+        kv = F.linear(audio, folded["kv"], folded["kv_bias"])
+        if self.null_key is not None:  # the null key and its zero value, one row
+            kv = torch.cat([folded["null_kv"].to(kv.dtype).expand(batch, 1, -1), kv], 1)
+        keys = kv.shape[1]
+        k, v = kv.view(batch, keys, 2, self.num_kv_heads, self.head_dim).unbind(2)
+        group = self.num_heads // self.num_kv_heads
+        # Query head h = g * group + j reads k/v head g (Llama's grouped-query convention).
+        # Each key goes through its query heads' (pre-scaled) q weights, each value through
+        # its heads' slice of the gated o weights: (B, heads * S, H) both.
+        q_weight = folded["q"].view(self.num_kv_heads, group, self.head_dim, -1)
+        o_weight = folded["o"].view(-1, self.num_kv_heads, group, self.head_dim).permute(1, 2, 3, 0)
+        absorbed_keys = torch.einsum("bsgd,gjdx->bgjsx", k, q_weight).reshape(batch, self.num_heads * keys, -1)
+        absorbed_values = torch.einsum("bsgd,gjdx->bgjsx", v, o_weight).reshape(batch, self.num_heads * keys, -1)
+        key_bias = None
+        if folded["q_bias"] is not None:  # (W x + b) . k = x . (W^T k) + b . k: a constant per key
+            q_bias = folded["q_bias"].view(self.num_kv_heads, group, self.head_dim).to(k.dtype)
+            key_bias = torch.einsum("bsgd,gjd->bgjs", k, q_bias).reshape(batch, self.num_heads * keys, 1)
+        if audio_mask is not None:
+            blocked = (~audio_mask.bool())[:, None, :].expand(batch, self.num_heads, keys)
+            blocked = blocked.reshape(batch, self.num_heads * keys, 1)
+            if key_bias is None:
+                key_bias = absorbed_keys.new_zeros(batch, self.num_heads * keys, 1)
+            key_bias = key_bias.masked_fill(blocked, torch.finfo(key_bias.dtype).min)
+        return AudioReadout(absorbed_keys, absorbed_values, key_bias=key_bias, out_bias=folded["o_bias"], absorbed=True)
+
+    def fuse(self, llm_states: torch.Tensor, audio: AudioReadout) -> torch.Tensor:
+        """``llm_states`` (B, L, H) with the audio of ``read_audio`` added through the gate."""
+        batch, length, _ = llm_states.shape
+        if not audio.absorbed:
+            q = self.q_proj(self.norm_query(llm_states)).view(batch, length, self.num_heads, self.head_dim)
+            attended = attend_few_keys(q, audio.keys, audio.values, audio.key_mask)
             return llm_states + torch.tanh(self.gate) * self.o_proj(attended)
-        # tanh(gate) is folded into o. The residual add stays a separate float32 add so that,
-        # under bf16 autocast, the hidden state is not rounded to bf16 on its way through.
-        return llm_states + F.linear(attended, folded["o"], folded["o_bias"])
+        # Scores laid out (heads * keys, queries), softmax over the keys of each head: the fast
+        # layout on CPU (see attend_few_keys).
+        scores = torch.matmul(audio.keys, self.norm_query(llm_states).transpose(1, 2))
+        if audio.key_bias is not None:
+            scores = scores + audio.key_bias
+        weights = scores.view(batch, self.num_heads, -1, length).softmax(dim=-2).view_as(scores)
+        out = torch.matmul(weights.transpose(1, 2).to(audio.values.dtype), audio.values)
+        if audio.out_bias is not None:
+            out = out + audio.out_bias
+        # The residual add stays a separate float32 add so that, under bf16 autocast, the
+        # hidden state is not rounded to bf16 on its way through.
+        return llm_states + out
 
     def _folded_weights(self) -> Optional[dict[str, Optional[torch.Tensor]]]:
-        """q (pre-scaled), fused k|v and gated o weights with the LoRA deltas folded in, for inference.
+        """q (pre-scaled), fused k|v and gated o weights with any LoRA deltas folded in, for inference.
 
         Training runs peft's LoRA layers as they are (the deltas need their own gradients). With
         grad off and no live dropout, ``W x + s B A x`` equals ``(W + s B A) x`` up to float
         rounding, and the folded form is one matrix product instead of three plus peft's
-        dispatch, which on the demo model is most of a fused layer's cost. The fold is cached
+        dispatch; ``read_audio`` then absorbs q and o into the audio side. The fold is cached
         and recomputed whenever a source tensor changes: optimizer steps and ``load_state_dict``
         bump a tensor's version, ``.to()`` moves its storage, and ``_apply`` (``.to``, ``.float``)
         drops the cache in case it replaced the tensors themselves.
         """
-        if torch.is_grad_enabled() or not isinstance(self.q_proj, LoraLinear):
+        if torch.is_grad_enabled():
             return None
         if self.training and any(not isinstance(layer.lora_dropout[a], nn.Identity)
-                                 for layer in self._projections() for a in layer.active_adapters):
+                                 for layer in self._lora_projections() for a in layer.active_adapters):
             return None  # dropout is live: keep the exact training computation
         cache = self._fold_cache
         if cache is not None:
@@ -179,9 +244,9 @@ class CrossAttentionBlock(nn.Module):
     def _fold_sources(self) -> list[torch.Tensor]:
         sources = [self.gate] + ([] if self.null_key is None else [self.null_key])
         for layer in self._projections():
-            base = layer.get_base_layer()
+            base = layer.get_base_layer() if isinstance(layer, LoraLinear) else layer
             sources += [t for t in (base.weight, base.bias) if t is not None]
-            for adapter in layer.active_adapters:
+            for adapter in (layer.active_adapters if isinstance(layer, LoraLinear) else ()):
                 if adapter in layer.lora_A and not layer.disable_adapters:
                     sources += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
         return sources
@@ -197,11 +262,16 @@ class CrossAttentionBlock(nn.Module):
     def _projections(self) -> tuple[nn.Module, ...]:
         return (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
 
+    def _lora_projections(self) -> list["LoraLinear"]:
+        return [layer for layer in self._projections() if isinstance(layer, LoraLinear)]
+
     @staticmethod
-    def _folded(layer: "LoraLinear") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        base = layer.get_base_layer()
+    def _folded(layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A projection's weight and bias, with its active LoRA deltas added when it has them."""
+        lora = isinstance(layer, LoraLinear)
+        base = layer.get_base_layer() if lora else layer
         weight = base.weight.detach().clone()
-        if not layer.disable_adapters:
+        if lora and not layer.disable_adapters:
             for adapter in layer.active_adapters:
                 if adapter in layer.lora_A:
                     weight += layer.get_delta_weight(adapter).to(weight.dtype)  # peft's own B A * scaling

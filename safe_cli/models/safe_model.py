@@ -119,18 +119,22 @@ class SAFEModel(nn.Module):
         """Fuse audio into the output of each chosen decoder layer; ``rows`` None means every row."""
         handles = []
         dtype = self.projector.queries.dtype
+        # What each block reads from the audio does not depend on the text: read it once here,
+        # not in the hook (which generate() runs at every decoding step).
+        with self._autocast(tokens.device):
+            readouts = {layer: self.fusion.block(layer).read_audio(tokens, mask) for layer in self.fusion.layers}
         for layer in self.fusion.layers:
-            block = self.fusion.block(layer)
+            block, readout = self.fusion.block(layer), readouts[layer]
 
-            def hook(module, args, output, block=block):
+            def hook(module, args, output, block=block, readout=readout):
                 hidden = output[0] if isinstance(output, tuple) else output
                 # The block's residual stream runs in the trainable parts' dtype (float32), also
                 # under autocast, where only its matrix products drop to bfloat16.
                 with self._autocast(hidden.device):
                     if rows is None:
-                        merged = block(hidden.to(dtype), tokens, mask).to(hidden.dtype)
+                        merged = block.fuse(hidden.to(dtype), readout).to(hidden.dtype)
                     else:
-                        fused = block(hidden.index_select(0, rows).to(dtype), tokens, mask).to(hidden.dtype)
+                        fused = block.fuse(hidden.index_select(0, rows).to(dtype), readout).to(hidden.dtype)
                         merged = hidden.index_copy(0, rows, fused)
                 return (merged,) + tuple(output[1:]) if isinstance(output, tuple) else merged
 

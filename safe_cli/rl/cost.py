@@ -13,11 +13,12 @@ additions are left out (they are a few percent and do not change with k). Symbol
               + 4 * T^2 * d                     (scores and weighted sum)
     Projector (features of width D, T' frames after frame_pool, k tokens, LLM width H, MLP width W):
         2*2 * k * T' * D + 2 * k * D * H + 2*2 * k * H * W
-    Fusion, per fused layer (L text positions, k audio tokens + 1 null slot, query width Hq,
-    key/value width Hkv, LoRA rank r on q/k/v/o):
-        q, o    2 * 2 * L * H * Hq   + LoRA 2 * 2 * L * r * (H + Hq)
-        k, v    2 * 2 * k * H * Hkv  + LoRA 2 * 2 * k * r * (H + Hkv)
-        attn    2 * 2 * L * (k + 1) * Hq
+    Fusion, per fused layer, as inference runs it (L text positions, k audio tokens + 1 null
+    slot, n query heads, query width Hq, key/value width Hkv; LoRA is folded into the weights,
+    and q and o are absorbed into each clip's keys and values, see ``AudioReadout``):
+        k, v     2 * 2 * k * H * Hkv
+        absorb   2 * 2 * (k + 1) * Hq * H       (keys through q, values through o, once a clip)
+        attend   2 * 2 * L * n * (k + 1) * H    (scores and weighted sum, per text position)
 
 CLAP's audio tower (a Swin transformer) has no such simple formula; its FLOPs are measured
 once with torch's FLOP counter on a clip of the tower's fixed input length (CLAP pads or cuts
@@ -90,10 +91,10 @@ def clap_flops(encoder: ClapEncoder) -> float:
 @dataclass(frozen=True)
 class FusionDims:
     hidden: int  # H, the LLM's width
+    heads: int  # n, query heads
     query_width: int  # Hq = heads * head_dim
     kv_width: int  # Hkv = kv heads * head_dim
     layers: int  # fused layers
-    lora_rank: int  # 0 without LoRA
     null_slot: bool
     feature_dim: int  # D, the encoder's width
     frame_pool: int
@@ -105,20 +106,20 @@ class FusionDims:
         return float(2 * 2 * k * pooled * d + 2 * k * d * h + 2 * 2 * k * h * self.projector_mlp)
 
     def layer_flops(self, k: int, length: int) -> float:
-        h, hq, hkv, r = self.hidden, self.query_width, self.kv_width, self.lora_rank
+        h, hq, hkv = self.hidden, self.query_width, self.kv_width
         slots = k + (1 if self.null_slot else 0)
-        q_and_o = 2 * 2 * length * h * hq + 2 * 2 * length * r * (h + hq)
-        k_and_v = 2 * 2 * k * h * hkv + 2 * 2 * k * r * (h + hkv)
-        attention = 2 * 2 * length * slots * hq
-        return float(q_and_o + k_and_v + attention)
+        k_and_v = 2 * 2 * k * h * hkv
+        absorb = 2 * 2 * slots * hq * h
+        attend = 2 * 2 * length * self.heads * slots * h
+        return float(k_and_v + absorb + attend)
 
 
-def fusion_dims(projector: AudioProjector, fusion: FusionAdapter, lora_rank: int) -> FusionDims:
+def fusion_dims(projector: AudioProjector, fusion: FusionAdapter) -> FusionDims:
     block = fusion.block(fusion.layers[0])
     return FusionDims(
-        hidden=block.hidden_size, query_width=block.num_heads * block.head_dim,
+        hidden=block.hidden_size, heads=block.num_heads, query_width=block.num_heads * block.head_dim,
         kv_width=block.num_kv_heads * block.head_dim, layers=len(fusion.layers),
-        lora_rank=lora_rank if fusion.uses_lora else 0, null_slot=block.null_key is not None,
+        null_slot=block.null_key is not None,
         feature_dim=projector.audio_embed_dim, frame_pool=projector.frame_pool,
         projector_mlp=projector.mlp[1].out_features,
     )
@@ -134,12 +135,12 @@ class AudioCostModel:
         self.max_budget = int(max_budget)
 
     @classmethod
-    def for_model(cls, model, lora_rank: int, max_budget: int) -> "AudioCostModel":
+    def for_model(cls, model, max_budget: int) -> "AudioCostModel":
         """From a SAFEModel: its encoder's kind decides the encoder formula."""
-        return cls.build(model.audio_encoder, model.projector, model.fusion, lora_rank, max_budget)
+        return cls.build(model.audio_encoder, model.projector, model.fusion, max_budget)
 
     @classmethod
-    def build(cls, encoder: AudioEncoder, projector: AudioProjector, fusion: FusionAdapter, lora_rank: int,
+    def build(cls, encoder: AudioEncoder, projector: AudioProjector, fusion: FusionAdapter,
               max_budget: int) -> "AudioCostModel":
         parts = []
         if isinstance(encoder, WhisperClapEncoder):
@@ -160,7 +161,7 @@ class AudioCostModel:
         if frames is None:
             frames = lambda seconds: 1  # noqa: E731 (CLAP alone: one pooled vector per clip)
         return cls(lambda seconds: sum(c(seconds) for c in counters), frames,
-                   fusion_dims(projector, fusion, lora_rank), max_budget)
+                   fusion_dims(projector, fusion), max_budget)
 
     def encoder_flops(self, clip_seconds: float) -> float:
         return self._encoder_flops(clip_seconds)

@@ -125,7 +125,7 @@ def stage_script(out: Path, manifest: Manifest, config: SlurmConfig, stage: str,
 
 def report_script(out: Path, config: SlurmConfig, profile_name: str) -> str:
     out = Path(out).resolve()
-    lines = ["#!/bin/bash", f"# Written by `safe sweep --slurm`: the sweep's report once every stage's tasks ended."]
+    lines = ["#!/bin/bash", "# Written by `safe sweep --slurm`: the sweep's report once every stage's tasks ended."]
     lines += _header(config.model_copy(update={"gpus": 0, "cpus": 1, "mem": "2G"}), f"safe-{profile_name}-report",
                      out / SLURM_DIR / "report-%j.out", "00:15:00")
     lines += _extra(config) + _setup(config)

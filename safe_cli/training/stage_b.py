@@ -172,7 +172,7 @@ class StageBTrainer:
         self.base_fingerprint = self.model.base_fingerprint()
         self.budgets = list(profile.policy.token_budgets)
         self.max_budget = max(self.budgets)
-        self.cost_model = AudioCostModel.for_model(self.model, profile.fusion.lora_rank, self.max_budget)
+        self.cost_model = AudioCostModel.for_model(self.model, self.max_budget)
         self.rate = self.model.audio_encoder.sample_rate
 
         self.train_pool = avdigits_pool(profile, "train", self.rate, encoder=self.model.audio_encoder)

@@ -124,7 +124,7 @@ class StageCDistiller:
         self.base_fingerprint = self.model.base_fingerprint()
         self.rate = self.model.audio_encoder.sample_rate
         self.budgets = list(profile.policy.token_budgets)
-        self.cost_model = AudioCostModel.for_model(self.model, profile.fusion.lora_rank, max(self.budgets))
+        self.cost_model = AudioCostModel.for_model(self.model, max(self.budgets))
         self.state_dim = state_dim(self.model.base.hidden_size)
         self.policy, self.normalizer = load_policy(self.stage_b_dir / POLICY_WEIGHTS, self.state_dim, profile)
 
