@@ -139,7 +139,8 @@ def test_activation_formula_matches_what_autograd_saves(kind, dtype, layers, tin
                   pixel_values=torch.randn(rows, 3, side, side, dtype=getattr(torch, dtype)),
                   token_budget=torch.full((rows,), 12), audio_features=torch.randn(rows, encoder.frames, encoder.feature_dim))
     output, measured = saved_tensor_bytes(lambda: model(**inputs), model)
-    parts = forward_activation_bytes(shape, dtype, profile.fusion.layers, rows, tokens, encoder, profile.projector, 12)
+    parts = forward_activation_bytes(shape, dtype, profile.fusion.layers, rows, tokens, encoder, profile.projector, 12,
+                                     ffn_width=profile.fusion.ffn_width)
     saved = sum(parts.values()) - parts["logits"]  # the returned logits are alive but not a saved tensor
     assert parts["logits"] == output.logits.numel() * output.logits.element_size()
     assert abs(saved - measured) / measured < 0.06, (saved, measured, parts)
@@ -187,7 +188,8 @@ def test_one_stage_a_step_matches_the_estimate(cache, tmp_path):
     formula = 0
     for batch, tokens in forwards:
         parts = forward_activation_bytes(shape, profile.base.dtype, profile.fusion.layers, batch, tokens, encoder,
-                                         profile.projector, profile.projector.num_tokens)
+                                         profile.projector, profile.projector.num_tokens,
+                                         ffn_width=profile.fusion.ffn_width)
         formula += sum(parts.values()) - parts["logits"]
     assert abs(formula - measured) / measured < 0.10, (formula, measured, forwards)
 

@@ -110,6 +110,7 @@ def test_training_step_changes_only_projector_and_fusion(perturbed_model):
     assert any(n.startswith("projector.") for n in changed)
     assert any(n.startswith("fusion.") and "lora_" in n for n in changed)
     assert any(n.endswith(".gate") for n in changed)
+    assert any(".ffn." in n for n in changed) and any(n.endswith(".ffn_gate") for n in changed)
     assert all(n.startswith(("projector.", "fusion.")) for n in trainable_before)
 
 
@@ -145,13 +146,20 @@ def test_untrained_model_equals_base_on_every_row(kind, tiny_checkpoints):
         assert torch.equal(model(token_budget=budget, audio=audio, **inputs).logits, model.base(**inputs).logits)
 
 
-def test_fresh_cross_attention_block_returns_its_input_exactly():
-    block = CrossAttentionBlock(hidden_size=96, num_attention_heads=4)
+@pytest.mark.parametrize("ffn_width", [0, 128])
+def test_fresh_cross_attention_block_returns_its_input_exactly(ffn_width):
+    block = CrossAttentionBlock(hidden_size=96, num_attention_heads=4, ffn_width=ffn_width)
     states, tokens = torch.randn(3, 7, 96), torch.randn(3, 5, 96)
     assert torch.equal(block(states, tokens), states)
     with torch.no_grad():
+        assert torch.equal(block(states, tokens), states)  # the inference path too
         block.gate.fill_(0.3)
     assert not torch.allclose(block(states, tokens), states)
+    if ffn_width:  # the feed-forward's own gate opens it alone, without any audio attention
+        with torch.no_grad():
+            block.gate.fill_(0.0)
+            block.ffn_gate.fill_(0.3)
+        assert not torch.allclose(block(states, tokens), states)
 
 
 def test_null_slot_lets_a_query_attend_to_nothing():
@@ -211,15 +219,16 @@ def test_inference_fold_matches_the_lora_layers_and_follows_weight_changes(pertu
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("null_slot", [True, False])
 @pytest.mark.parametrize("lora", [True, False])
-def test_absorbed_inference_equals_the_training_computation(kv_heads, bias, null_slot, lora):
+@pytest.mark.parametrize("ffn_width", [0, 24])
+def test_absorbed_inference_equals_the_training_computation(kv_heads, bias, null_slot, lora, ffn_width):
     """Grad off, a block absorbs q and o into each clip's keys and values (AudioReadout); its
     output must be the training path's (peft's LoRA layers, q and o per position) to float
     rounding, with grouped heads, biases, masks, and with or without the null slot."""
     torch.manual_seed(0)
     block = CrossAttentionBlock(hidden_size=32, num_attention_heads=4, num_key_value_heads=kv_heads,
-                                bias=bias, null_slot=null_slot)
+                                bias=bias, null_slot=null_slot, ffn_width=ffn_width)
     if lora:
-        adapter = FusionAdapter([0], 32, 4, kv_heads, bias=bias, null_slot=null_slot)
+        adapter = FusionAdapter([0], 32, 4, kv_heads, bias=bias, null_slot=null_slot, ffn_width=ffn_width)
         attention = torch.nn.Module()
         for name, out in [("q_proj", 32), ("k_proj", 8 * kv_heads), ("v_proj", 8 * kv_heads), ("o_proj", 32)]:
             setattr(attention, name, torch.nn.Linear(32 if name != "o_proj" else 32, out, bias=bias))

@@ -89,11 +89,14 @@ def test_fusion_cost_matches_a_hand_count():
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_fused_layer_cost_is_what_the_inference_path_computes(kv_heads):
+@pytest.mark.parametrize("ffn_width", [0, 48])
+def test_fused_layer_cost_is_what_the_inference_path_computes(kv_heads, ffn_width):
     """The formula must count the matrix products a fused layer really runs at inference (the
-    absorbed path), as torch's FLOP counter sees them."""
-    block = CrossAttentionBlock(hidden_size=32, num_attention_heads=4, num_key_value_heads=kv_heads)
-    dims = fusion_dims(AudioProjector(8, 32, 12), FusionAdapter([0], 32, 4, kv_heads))
+    absorbed path, and the feed-forward when there is one), as torch's FLOP counter sees them."""
+    block = CrossAttentionBlock(hidden_size=32, num_attention_heads=4, num_key_value_heads=kv_heads,
+                                ffn_width=ffn_width)
+    dims = fusion_dims(AudioProjector(8, 32, 12), FusionAdapter([0], 32, 4, kv_heads, ffn_width=ffn_width))
+    assert dims.ffn_width == ffn_width
     k, length = 5, 7
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         block.fuse(torch.randn(2, length, 32), block.read_audio(torch.randn(2, k, 32)))

@@ -495,6 +495,21 @@ def test_protected_linears_with_lora_are_the_query_lora_a():
     assert not others & {id(m) for m in layers.values()}
 
 
+def test_protected_linears_include_the_feed_forwards_first_layer():
+    # The feed-forward reads the LLM's own (fused) state, as the queries do: protected too, and
+    # trainable after init_from_base (peft froze every non-LoRA weight first).
+    fusion = FusionAdapter(layers=[0, 1], hidden_size=HIDDEN, num_attention_heads=2, ffn_width=24)
+    fusion.init_from_base({0: _TinyAttention(), 1: _TinyAttention()}, rank=4, alpha=8, dropout=0.0)
+    layers = protected_linears(fusion)
+    expected = []
+    for layer in (0, 1):
+        block = fusion.block(layer)
+        expected += [next(iter(block.q_proj.lora_A.values())), block.ffn[0]]
+    assert [id(m) for m in layers.values()] == [id(m) for m in expected]
+    assert all(p.requires_grad for layer in (0, 1) for p in fusion.block(layer).ffn.parameters())
+    assert all(fusion.block(layer).ffn_gate.requires_grad for layer in (0, 1))
+
+
 def test_protected_linears_without_lora_are_the_query_projections():
     fusion = FusionAdapter(layers=[0, 1], hidden_size=HIDDEN, num_attention_heads=2)
     layers = protected_linears(fusion)

@@ -45,6 +45,7 @@ def build_trainable(
             bias=base.attention_bias,
             gate_init=profile.fusion.gate_init,
             null_slot=profile.fusion.null_slot,
+            ffn_width=profile.fusion.ffn_width,
         )
         if profile.fusion.init_from_base:
             fusion.init_from_base(

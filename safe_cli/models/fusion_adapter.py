@@ -9,6 +9,11 @@ question that has nothing to do with the clip, would receive some audio. With th
 query can attend to nothing, which is what retention (answer a VL question as the base does,
 a distractor clip notwithstanding) asks of it.
 
+With ``ffn_width`` a block also has a gated feed-forward after the attention, as Flamingo's
+gated xattn-dense blocks do, its gate at zero too. Attention adds a weighted mean of audio
+values, linear in what it read; the feed-forward can combine the text position's own state
+(say, the shown digit) with it nonlinearly, which questions about both need.
+
 ``FusionAdapter`` holds one block per chosen decoder layer. With ``init_from_base`` each block's
 q/k/v/o start as copies of that layer's own self-attention projections (frozen) and learn LoRA
 deltas through peft, so the adapter begins by attending the way the layer already does.
@@ -108,6 +113,7 @@ class CrossAttentionBlock(nn.Module):
         bias: bool = False,
         gate_init: float = 0.0,
         null_slot: bool = True,
+        ffn_width: int = 0,
     ):
         super().__init__()
         self.hidden_size = hidden_size
@@ -125,6 +131,12 @@ class CrossAttentionBlock(nn.Module):
         self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
         self.null_key = nn.Parameter(torch.zeros(self.num_kv_heads * self.head_dim)) if null_slot else None
         self._fold_cache: Optional[tuple] = None  # inference-only fold of LoRA deltas and gate
+        # Optional gated feed-forward after the attention (Flamingo's xattn-dense), gate at zero.
+        self.ffn: Optional[nn.Sequential] = None
+        if ffn_width:
+            self.norm_ffn = nn.LayerNorm(hidden_size)
+            self.ffn = nn.Sequential(nn.Linear(hidden_size, ffn_width), nn.GELU(), nn.Linear(ffn_width, hidden_size))
+            self.ffn_gate = nn.Parameter(torch.zeros(1))
 
     def forward(
         self,
@@ -183,7 +195,13 @@ class CrossAttentionBlock(nn.Module):
         return AudioReadout(absorbed_keys, absorbed_values, key_bias=key_bias, out_bias=folded["o_bias"], absorbed=True)
 
     def fuse(self, llm_states: torch.Tensor, audio: AudioReadout) -> torch.Tensor:
-        """``llm_states`` (B, L, H) with the audio of ``read_audio`` added through the gate."""
+        """``llm_states`` (B, L, H) with the audio of ``read_audio`` added through the gate(s)."""
+        fused = self._attend(llm_states, audio)
+        if self.ffn is None:
+            return fused
+        return fused + torch.tanh(self.ffn_gate) * self.ffn(self.norm_ffn(fused))
+
+    def _attend(self, llm_states: torch.Tensor, audio: AudioReadout) -> torch.Tensor:
         batch, length, _ = llm_states.shape
         if not audio.absorbed:
             q = self.q_proj(self.norm_query(llm_states)).view(batch, length, self.num_heads, self.head_dim)
@@ -309,13 +327,15 @@ class FusionAdapter(nn.Module):
         bias: bool = False,
         gate_init: float = 0.0,
         null_slot: bool = True,
+        ffn_width: int = 0,
     ):
         super().__init__()
         self.layers = list(layers)
         self.blocks = nn.ModuleDict(
             {
                 str(layer): CrossAttentionBlock(
-                    hidden_size, num_attention_heads, num_key_value_heads, head_dim, bias, gate_init, null_slot
+                    hidden_size, num_attention_heads, num_key_value_heads, head_dim, bias, gate_init, null_slot,
+                    ffn_width,
                 )
                 for layer in self.layers
             }
@@ -331,10 +351,12 @@ class FusionAdapter(nn.Module):
             self.block(layer).load_attention_weights(attention)
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(PROJECTIONS))
         inject_adapter_in_model(config, self)
-        # peft froze everything but LoRA; norms, gates and null keys are the adapter's own and must train.
+        # peft froze everything but LoRA; norms, gates, null keys and feed-forwards are the adapter's
+        # own and must train.
         for name, param in self.named_parameters():
             param.requires_grad = (
-                "lora_" in name or "norm_" in name or name.endswith(".gate") or name.endswith(".null_key")
+                "lora_" in name or "norm_" in name or name.endswith((".gate", ".null_key", ".ffn_gate"))
+                or ".ffn." in name
             )
         self.uses_lora = True
 

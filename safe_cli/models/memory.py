@@ -316,11 +316,13 @@ def layer_activation_bytes(base: BaseShape, dtype: str, rows: int, tokens: int) 
 
 
 FUSION_BLOCK_TENSORS = 6  # fp32 (B, L, H): norm input, norm output, q, SDPA out, o_proj in, o_proj out
+# The feed-forward (fusion.ffn_width F) keeps, per row-token, fp32: its norm's input and output and
+# its gated output (3 H), the first linear's output and the GELU's (2 F).
 
 
 def forward_activation_bytes(base: BaseShape, dtype: str, fusion_layers: list[int], rows: int, tokens: int,
                              encoder: EncoderShape, projector_cfg, num_tokens: int,
-                             checkpointing: bool = False) -> dict[str, int]:
+                             checkpointing: bool = False, ffn_width: int = 0) -> dict[str, int]:
     """What one forward with gradients keeps until its backward, by part."""
     p, n, h = DTYPE_BYTES[dtype], rows * tokens, base.hidden_size
     after = base.num_layers - 1 - min(fusion_layers)  # the fused layer's own hook runs after it
@@ -334,7 +336,7 @@ def forward_activation_bytes(base: BaseShape, dtype: str, fusion_layers: list[in
     projector = FP32 * rows * (2 * pooled * encoder.feature_dim + num_tokens * (4 * h + 2 * mlp))
     return {
         "decoder_layers": layers,
-        "fusion_blocks": len(fusion_layers) * FUSION_BLOCK_TENSORS * FP32 * n * h,
+        "fusion_blocks": len(fusion_layers) * FP32 * n * (FUSION_BLOCK_TENSORS * h + (3 * h + 2 * ffn_width if ffn_width else 0)),
         "final_norm": (FP32 if base.family == "llama" else p) * n * h,
         "log_softmax": n * base.vocab_size * FP32,  # the loss keeps it for backward
         "logits": n * base.vocab_size * p,  # returned by the base (not a saved tensor, alive all the same)
@@ -422,7 +424,7 @@ def estimate_memory(profile: Profile, variant: Optional[str] = None,
         Row("fusion: base attention copies (frozen)", trainable.fusion_frozen * FP32, trainable.fusion_frozen,
             "float32", "init_from_base: q/k/v/o of each fused layer"),
         Row("projector (trainable)", trainable.projector * FP32, trainable.projector, "float32"),
-        Row("fusion adapters: LoRA, norms, gates, null keys (trainable)", trainable.fusion_trainable * FP32,
+        Row("fusion adapters: LoRA, norms, gates, null keys, feed-forwards (trainable)", trainable.fusion_trainable * FP32,
             trainable.fusion_trainable, "float32"),
     ]
     weights = sum(r.bytes for r in est.weights)
@@ -438,7 +440,7 @@ def estimate_memory(profile: Profile, variant: Optional[str] = None,
 
     def stored(checkpointing: bool) -> dict[str, int]:
         return forward_activation_bytes(base, dtype, fusion_layers, held_rows, tokens, encoder, profile.projector,
-                                        k, checkpointing)
+                                        k, checkpointing, profile.fusion.ffn_width)
 
     plain, ckpt = stored(False), stored(True)
     fisher = 2 * n_train * FP32 if retention.retention_loss_weight * retention.fisher_weight > 0 else 0

@@ -19,6 +19,7 @@ additions are left out (they are a few percent and do not change with k). Symbol
         k, v     2 * 2 * k * H * Hkv
         absorb   2 * 2 * (k + 1) * Hq * H       (keys through q, values through o, once a clip)
         attend   2 * 2 * L * n * (k + 1) * H    (scores and weighted sum, per text position)
+        ffn      2 * 2 * L * H * F              (the gated feed-forward of width F, when there is one)
 
 CLAP's audio tower (a Swin transformer) has no such simple formula; its FLOPs are measured
 once with torch's FLOP counter on a clip of the tower's fixed input length (CLAP pads or cuts
@@ -99,6 +100,7 @@ class FusionDims:
     feature_dim: int  # D, the encoder's width
     frame_pool: int
     projector_mlp: int  # W
+    ffn_width: int = 0  # F, the fused layers' feed-forward (0 = none)
 
     def projector_flops(self, k: int, frames: int) -> float:
         pooled = -(-frames // self.frame_pool)
@@ -111,7 +113,8 @@ class FusionDims:
         k_and_v = 2 * 2 * k * h * hkv
         absorb = 2 * 2 * slots * hq * h
         attend = 2 * 2 * length * self.heads * slots * h
-        return float(k_and_v + absorb + attend)
+        ffn = 2 * 2 * length * h * self.ffn_width
+        return float(k_and_v + absorb + attend + ffn)
 
 
 def fusion_dims(projector: AudioProjector, fusion: FusionAdapter) -> FusionDims:
@@ -122,6 +125,7 @@ def fusion_dims(projector: AudioProjector, fusion: FusionAdapter) -> FusionDims:
         null_slot=block.null_key is not None,
         feature_dim=projector.audio_embed_dim, frame_pool=projector.frame_pool,
         projector_mlp=projector.mlp[1].out_features,
+        ffn_width=0 if block.ffn is None else block.ffn[0].out_features,
     )
 
 

@@ -257,12 +257,17 @@ def protected_linears(fusion: nn.Module) -> dict[str, nn.Linear]:
     """The fusion adapter's trainable linears that read the LLM's own hidden states.
 
     Those are the query projections (their LoRA ``A`` when LoRA is used, else the whole
-    ``q_proj``): on a retention batch their input is the base's state for a VL or text
-    question. The key/value/output projections and the projector read the (distractor) audio;
-    protecting their inputs would forbid the adapter to learn to read audio at all.
+    ``q_proj``) and the first layer of each feed-forward (``fusion.ffn_width``): on a retention
+    batch their input is the base's state for a VL or text question (plus, for the
+    feed-forward, what the null slot lets through of the clip). The key/value/output
+    projections and the projector read the (distractor) audio; protecting their inputs would
+    forbid the adapter to learn to read audio at all.
     """
     layers: dict[str, nn.Linear] = {}
     for name, module in fusion.named_modules():
+        if name.endswith("ffn.0") and isinstance(module, nn.Linear):
+            layers[name] = module
+            continue
         if not name.endswith("q_proj"):
             continue
         lora_a = getattr(module, "lora_A", None)
