@@ -122,7 +122,7 @@ def _stage_b(run_dir, ranks, batch):
 def test_stage_b_on_two_ranks_makes_the_single_process_policy(single_and_double, cache, tmp_path):
     """The ranks split the SAFE forwards and gather states and scores; the policy update is the
     whole batch's on every rank. The states of a 4-row and an 8-row forward differ by float
-    rounding only, so the policies agree to ~1e-6."""
+    rounding only, so the policies agree to ~1e-7 on almost every weight."""
     root, _, _ = single_and_double
     for name in ("one", "two"):
         shutil.copytree(root / "single/stage-a", tmp_path / name / "stage-a")
@@ -131,8 +131,14 @@ def test_stage_b_on_two_ranks_makes_the_single_process_policy(single_and_double,
     assert two.stdout.count("base fingerprint unchanged") == 1
     a = load_file(tmp_path / "one/stage-b/policy.safetensors")
     b = load_file(tmp_path / "two/stage-b/policy.safetensors")
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith("policy."))
-    assert worst < 1e-4, worst
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a if k.startswith("policy.")])
+    # Adam divides each step by sqrt(v): on a weight whose gradient is ~0 (a state feature that
+    # barely varies), rounding-level differences in the gathered gradients move it by a fraction
+    # of lr (3e-3) per step. So: almost every weight agrees to float rounding, none by more than
+    # a small fraction of one step. A rank that dropped or double-counted rows fails both.
+    assert float(diffs.median()) < 1e-6, float(diffs.median())
+    assert int((diffs > 1e-5).sum()) <= diffs.numel() // 1000, int((diffs > 1e-5).sum())
+    assert float(diffs.max()) < 1e-3, float(diffs.max())
     one, two_metrics = _metrics(tmp_path / "one/stage-b"), _metrics(tmp_path / "two/stage-b")
     assert [r["step"] for r in two_metrics] == list(range(1, 7))
     for x, y in zip(one, two_metrics):
