@@ -185,14 +185,14 @@ def variant_of(run, tmp_path, edit):
 
 def silence_adapters(weights):
     for name in weights:
-        if name.endswith(".gate"):
+        if name.endswith((".gate", ".ffn_gate")):
             weights[name] = torch.zeros_like(weights[name])
 
 
 def make_adapters_loud(weights):
     generator = torch.Generator().manual_seed(0)
     for name, tensor in weights.items():
-        if name.endswith(".gate"):
+        if name.endswith((".gate", ".ffn_gate")):
             weights[name] = torch.full_like(tensor, 5.0)
         elif "lora_B" in name or "projector" in name:
             weights[name] = torch.randn(tensor.shape, generator=generator) * 2.0

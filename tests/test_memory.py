@@ -44,6 +44,7 @@ TINY = {
                           "fusion.null_slot=false", "projector.num_tokens=8", "policy.token_budgets=[0,4,8]",
                           "audio_encoder.tiny_state=32", "audio_encoder.tiny_window_seconds=1.0"],
     "lora-rank-4": ["fusion.lora_rank=4", "projector.mlp_ratio=1.5"],
+    "feed-forward": ["fusion.ffn_width=256"],
 }
 
 
@@ -110,18 +111,19 @@ def test_unknown_hub_id_names_the_key(no_network):
 # --------------------------------------------------------------------------- activations
 
 ACTIVATION_CASES = {
-    "llava-bf16-fused-1": ("tiny-llava", "bfloat16", [1]),
-    "llava-fp32-fused-0-2": ("tiny-llava", "float32", [0, 2]),
-    "blip2-bf16-fused-1": ("hf-blip2", "bfloat16", [1]),
+    "llava-bf16-fused-1": ("tiny-llava", "bfloat16", [1], 0),
+    "llava-fp32-fused-0-2": ("tiny-llava", "float32", [0, 2], 0),
+    "llava-fp32-fused-0-2-feed-forward": ("tiny-llava", "float32", [0, 2], 1024),
+    "blip2-bf16-fused-1": ("hf-blip2", "bfloat16", [1], 0),
 }
 
 
-@pytest.mark.parametrize("kind, dtype, layers", ACTIVATION_CASES.values(), ids=ACTIVATION_CASES.keys())
-def test_activation_formula_matches_what_autograd_saves(kind, dtype, layers, tiny_checkpoints):
+@pytest.mark.parametrize("kind, dtype, layers, ffn_width", ACTIVATION_CASES.values(), ids=ACTIVATION_CASES.keys())
+def test_activation_formula_matches_what_autograd_saves(kind, dtype, layers, ffn_width, tiny_checkpoints):
     """The formula against the bytes autograd holds for backward on a real forward (Llama-like
     MLP ratio so the MLP term weighs as in LLaVA). 6%: the formula leaves out RoPE tables,
     logsumexps and the like, each well under 1% at these sizes."""
-    overrides = [f"base.dtype={dtype}", f"fusion.layers={layers}"]
+    overrides = [f"base.dtype={dtype}", f"fusion.layers={layers}", f"fusion.ffn_width={ffn_width}"]
     if kind == "tiny-llava":
         overrides += ["base.tiny.hidden_size=256", "base.tiny.intermediate_size=688", "base.tiny.num_layers=4",
                       "base.tiny.num_attention_heads=4", "base.tiny.num_key_value_heads=2"]

@@ -32,7 +32,8 @@ def kind(request):
 
 @pytest.fixture
 def perturbed_model(kind, tiny_checkpoints):
-    model = build_safe_model(profile_for(kind, tiny_checkpoints))
+    # With the optional feed-forward, so bypass, freezing and the inference fold cover it too.
+    model = build_safe_model(profile_for(kind, tiny_checkpoints, "fusion.ffn_width=48"))
     perturb_adapters(model)
     return model
 

@@ -42,10 +42,11 @@ def check_bypass(model: SAFEModel, budgets: list[int], seed: int = 0, text_lengt
 
 @torch.no_grad()
 def perturb_adapters(model: SAFEModel, gate: float = 0.5, scale: float = 0.1, seed: int = 0) -> None:
-    """Give every gate and LoRA-B a non-zero value, so a bypass check can fail if rows leak."""
+    """Give every gate (the feed-forwards' too) and LoRA-B a non-zero value, so a bypass check
+    can fail if rows leak through any of them."""
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.fusion.named_parameters():
-        if name.endswith(".gate"):
+        if name.endswith((".gate", ".ffn_gate")):
             param.fill_(gate)
         elif "lora_B" in name:
             param.copy_(torch.randn(param.shape, generator=generator) * scale)
