@@ -28,6 +28,7 @@ from safe_cli.data.scoring import normalize_answer
 from safe_cli.errors import SafeError
 from safe_cli.evaluation.data import manifest_data
 from safe_cli.evaluation.runs import load_trained_model, locate
+from safe_cli.models.fusion_adapter import is_gate_parameter
 from safe_cli.evaluation.stats import compare, is_regression, mcnemar_exact_p, paired_bootstrap_ci
 from safe_cli.models.safe_model import SAFEModel
 from safe_cli.training.batches import generate_safe_answers
@@ -185,14 +186,14 @@ def variant_of(run, tmp_path, edit):
 
 def silence_adapters(weights):
     for name in weights:
-        if name.endswith((".gate", ".ffn_gate")):
+        if is_gate_parameter(name):
             weights[name] = torch.zeros_like(weights[name])
 
 
 def make_adapters_loud(weights):
     generator = torch.Generator().manual_seed(0)
     for name, tensor in weights.items():
-        if name.endswith((".gate", ".ffn_gate")):
+        if is_gate_parameter(name):
             weights[name] = torch.full_like(tensor, 5.0)
         elif "lora_B" in name or "projector" in name:
             weights[name] = torch.randn(tensor.shape, generator=generator) * 2.0

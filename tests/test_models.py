@@ -10,7 +10,7 @@ import torch
 from safe_cli.config import load_profile
 from safe_cli.models import AudioProjector, CrossAttentionBlock, FusionAdapter, build_safe_model, fingerprint_module
 from safe_cli.models.bypass import perturb_adapters
-from safe_cli.models.fusion_adapter import attend_few_keys
+from safe_cli.models.fusion_adapter import attend_few_keys, is_gate_parameter
 from safe_cli.models.probe import probe_audio, probe_batch
 from safe_cli.rl.policy import AudioPolicyNetwork
 
@@ -161,6 +161,28 @@ def test_fresh_cross_attention_block_returns_its_input_exactly(ffn_width):
             block.gate.fill_(0.0)
             block.ffn_gate.fill_(0.3)
         assert not torch.allclose(block(states, tokens), states)
+
+
+@torch.no_grad()
+def test_the_gates_are_all_that_stands_between_a_block_and_its_input():
+    # Training updates and bypass checks open the parameters is_gate_parameter names. Every other
+    # weight of an adapter with LoRA, a null slot and a feed-forward is randomised here: with the
+    # named gates shut each block must still return its input, so a gated branch added without
+    # its gate in the list fails this test.
+    adapter = FusionAdapter([0, 1], hidden_size=64, num_attention_heads=4, ffn_width=32)
+    adapter.init_from_base({layer: adapter.block(layer) for layer in (0, 1)}, rank=4, alpha=8, dropout=0.0)
+    gates = [name for name, _ in adapter.named_parameters() if is_gate_parameter(name)]
+    assert sorted(gates) == ["blocks.0.ffn_gate", "blocks.0.gate", "blocks.1.ffn_gate", "blocks.1.gate"]
+    generator = torch.Generator().manual_seed(0)
+    for name, param in adapter.named_parameters():
+        param.copy_(torch.zeros_like(param) if is_gate_parameter(name) else torch.randn(param.shape, generator=generator))
+    states, tokens = torch.randn(2, 6, 64), torch.randn(2, 5, 64)
+    for layer in (0, 1):
+        assert torch.equal(adapter.block(layer)(states, tokens), states)
+    for name, param in adapter.named_parameters():
+        if is_gate_parameter(name):
+            param.fill_(0.5)
+    assert not torch.allclose(adapter.block(0)(states, tokens), states)
 
 
 def test_null_slot_lets_a_query_attend_to_nothing():

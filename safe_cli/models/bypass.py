@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .fusion_adapter import is_gate_parameter
 from .probe import probe_audio, probe_batch
 from .safe_model import SAFEModel
 
@@ -46,7 +47,7 @@ def perturb_adapters(model: SAFEModel, gate: float = 0.5, scale: float = 0.1, se
     can fail if rows leak through any of them."""
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.fusion.named_parameters():
-        if name.endswith((".gate", ".ffn_gate")):
+        if is_gate_parameter(name):
             param.fill_(gate)
         elif "lora_B" in name:
             param.copy_(torch.randn(param.shape, generator=generator) * scale)

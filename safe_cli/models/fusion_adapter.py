@@ -30,6 +30,14 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Each block's tanh gates (attention, feed-forward): zero means the block adds nothing.
+GATE_SUFFIXES = (".gate", ".ffn_gate")
+
+
+def is_gate_parameter(name: str) -> bool:
+    """True for a block's gate: what training must update and a bypass check must open.
+    One place owns the list, so a new gate cannot be trained but left shut by a check."""
+    return name.endswith(GATE_SUFFIXES)
 
 
 def attend_few_keys(
@@ -355,7 +363,7 @@ class FusionAdapter(nn.Module):
         # own and must train.
         for name, param in self.named_parameters():
             param.requires_grad = (
-                "lora_" in name or "norm_" in name or name.endswith((".gate", ".null_key", ".ffn_gate"))
+                "lora_" in name or "norm_" in name or is_gate_parameter(name) or name.endswith(".null_key")
                 or ".ffn." in name
             )
         self.uses_lora = True
