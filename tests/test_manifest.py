@@ -203,11 +203,15 @@ def test_question_drops_placeholders(data, value, question):
     assert rec.question == question
 
 
-def test_first_human_and_first_gpt_turns_are_used(data):
+def test_multi_turn_records_keep_every_exchange(data):
+    # The last exchange is the one scored; the earlier ones are history that training labels too.
     obj = raw()
     obj["conversations"] = [human("<image>\nWhich?"), gpt("one"), human("Sure?"), gpt("yes")]
     [rec] = read_manifest(write_raw(data / "m.jsonl", [obj]))
-    assert (rec.question, rec.answer, rec.answers) == ("Which?", "one", ("one",))
+    assert (rec.question, rec.answer, rec.answers) == ("Sure?", "yes", ("yes",))
+    assert rec.history == (("Which?", "one"),)
+    path = write_manifest([rec], data / "again.jsonl")
+    assert read_manifest(path) == [rec]
 
 
 def test_distractor_clip_records_are_accepted(data):
@@ -275,6 +279,11 @@ def _no_image(obj):
     obj["conversations"][0]["value"] = "Which digit is shown?"
 
 
+def _two_images(obj):
+    del obj["image"]
+    obj["images"] = ["img/1.png", "img/2.png"]
+
+
 def _turns(*turns):
     return _set("conversations", list(turns))
 
@@ -285,9 +294,8 @@ BROKEN = [
     ("empty id", _set("id", "  "), "id", "non-empty"),
     ("id of wrong type", _set("id", [1]), "id", "a list"),
     ("duplicate id", _set("id", "good"), "id", "duplicate"),
-    ("missing task", _drop("task"), "task", "missing"),
     ("bad task kind", _set("task", "video/clip"), "task", "'video/clip'"),
-    ("task without name", _set("task", "vl"), "task", "<kind>/<name>"),
+    ("unknown bare kind", _set("task", "video"), "task", "unknown task kind"),
     ("task of wrong type", _set("task", 3), "task", "a number"),
     ("missing conversations", _drop("conversations"), "conversations", "missing"),
     ("conversations not a list", _set("conversations", "hi"), "conversations", "a list of turns"),
@@ -295,8 +303,15 @@ BROKEN = [
     ("a single turn", _turns(human("<image>\nq?")), "conversations", "at least 2 turns"),
     ("no gpt turn", _turns(human("<image>\nq?"), human("again?")), "conversations", "no gpt turn"),
     ("no human turn", _turns(gpt("one"), gpt("two")), "conversations", "no human turn"),
+    ("turns out of order", _turns(human("<image>\nq?"), human("again?"), gpt("one")), "conversations[1]",
+     "alternate"),
+    ("ends on a question", _turns(human("<image>\nq?"), gpt("one"), human("and?")), "conversations[2]",
+     "no answer"),
+    ("two images", _two_images, "images", "at most one"),
+    ("image and images", _set("images", ["img/2.png"]), "images", "not both"),
+    ("two placeholders", _conv(0, "value", "<image>\n<image>\nq?"), "conversations[0].value", "at most one"),
     ("turn not an object", _turns(human("<image>\nq?"), "one"), "conversations[1]", "an object"),
-    ("bad speaker", _conv(1, "from", "assistant"), "conversations[1].from", "'human' or 'gpt'"),
+    ("bad speaker", _conv(1, "from", "robot"), "conversations[1].from", "'gpt'/'assistant'"),
     ("value of wrong type", _conv(1, "value", 3), "conversations[1].value", "a string"),
     ("empty answer", _conv(1, "value", " "), "conversations[1].value", "empty"),
     ("empty question", _conv(0, "value", "<image>\n"), "conversations[0].value", "empty"),

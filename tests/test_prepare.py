@@ -9,7 +9,7 @@ from safe_cli.cli.main import app
 from safe_cli.config import load_profile
 from safe_cli.data.avdigits import TASKS
 from safe_cli.foundation import prepare as prep
-from safe_cli.foundation.cache import cached_directory
+from safe_cli.cache import cached_directory
 
 # A few steps each: these tests check the plumbing, not the accuracy (the note reports that).
 FAST = [

@@ -99,7 +99,7 @@ def eval_retention(
     model = load_trained_model(trained, resolved, torch_device)
     rate = model.audio_encoder.sample_rate
     if data:
-        dataset = eval_data.manifest_data(data, rate, seed)
+        dataset = eval_data.manifest_data(resolved.model_copy(update={"seed": seed}), data, rate, model.audio_encoder)
     else:
         dataset = eval_data.profile_data(resolved, rate, model.audio_encoder)
     if not dataset.pool.examples:
@@ -113,7 +113,7 @@ def eval_retention(
         "data": dataset.description, "skipped": dataset.skipped,
     }
     report = build_report(
-        model, PromptBatcher(model.base), dataset.pool, budgets=budgets, cost_model=cost_model, tolerance=tolerance, significance=evaluation.significance, bootstrap_samples=evaluation.bootstrap_samples,
+        model, PromptBatcher(model.base, evaluation.max_new_tokens), dataset.pool, budgets=budgets, cost_model=cost_model, tolerance=tolerance, significance=evaluation.significance, bootstrap_samples=evaluation.bootstrap_samples,
         batch_size=batch_size or evaluation.batch_size, max_examples=max_examples or evaluation.max_examples,
         seed=seed, context=context, **decider,
     )

@@ -7,6 +7,7 @@ import typer
 from .. import __version__
 from .common import State
 from .check import check
+from .data import data_app
 from .distill_policy import distill_policy
 from .encode_audio import encode_audio
 from .eval_retention import eval_retention
@@ -18,7 +19,7 @@ from .validate import validate
 app = typer.Typer(
     name="safe",
     help="SAFE: add audio understanding to a frozen vision-language model without regressing it.\n\n"
-    "Examples:\n\n    safe validate demo\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe train --stage b --variant soft_retention\n\n    safe distill-policy runs/demo/soft_retention/seed-0\n\n    safe eval-retention runs/demo/soft_retention/seed-0\n\n    safe sweep --variants no_retention,soft_retention --seeds 1,2 --stages a,b\n\n    torchrun --standalone --nproc_per_node 2 -m safe_cli train --stage a\n\n    safe validate llava15-7b-whisper-small --estimate\n\n    safe check --profile demo",
+    "Examples:\n\n    safe validate demo\n\n    safe data export avdigits --out avdigits-export\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe train --stage b --variant soft_retention\n\n    safe distill-policy runs/demo/soft_retention/seed-0\n\n    safe eval-retention runs/demo/soft_retention/seed-0\n\n    safe sweep --variants no_retention,soft_retention --seeds 1,2 --stages a,b\n\n    torchrun --standalone --nproc_per_node 2 -m safe_cli train --stage a\n\n    safe validate llava15-7b-whisper-small --estimate\n\n    safe check --profile demo",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -47,6 +48,7 @@ app.command("train")(train)
 app.command("encode-audio")(encode_audio)
 app.command("eval-retention")(eval_retention)
 app.add_typer(sweep_app, name="sweep")
+app.add_typer(data_app, name="data")
 app.command("distill-policy")(distill_policy)
 
 

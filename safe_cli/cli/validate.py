@@ -33,6 +33,10 @@ def validate(
     text_tokens: int = typer.Option(
         64, "--text-tokens", min=1, help="Text tokens per example on top of the image tokens, for the estimate."
     ),
+    data: bool = typer.Option(
+        False, "--data", help="Also read every record of the profile's data (training, validation and evaluation "
+        "manifests; AV-digits is exported first) and check that every file exists; print the records per task kind."
+    ),
 ) -> None:
     """Validate a profile and print it resolved (extends and --set applied, defaults filled in).
 
@@ -43,8 +47,13 @@ def validate(
         safe validate demo --set fusion.layers=[0,2] --set training.stage_a.steps=50
 
         safe validate llava15-7b-whisper-small --estimate
+
+        safe validate demo --data --set data.source=manifest --set data.train_manifests=[export/train.jsonl]
     """
     resolved = resolve_profile(profile, set_)
+    if data:
+        _validate_data(resolved, as_json)
+        return
     if estimate:
         _print_estimate(resolved, variant, text_tokens, as_json)
         return
@@ -103,3 +112,39 @@ def _print_estimate(resolved, variant: Optional[str], text_tokens: int, as_json:
         f"{est.totals['inference'] / GIB:.1f} GiB",
         highlight=False,
     )
+
+
+def _validate_data(resolved, as_json: bool) -> None:
+    """Every record of every split, checked in one pass; ManifestError (exit 2) lists all problems."""
+    from ..data.manifest import ManifestError
+    from ..data.sources import SPLITS, manifest_paths, read_records, training_and_validation
+
+    counts, issues = {}, []
+    for split in SPLITS:
+        try:
+            if split == "validation" and not manifest_paths(resolved, split) and manifest_paths(resolved, "train"):
+                records = training_and_validation(resolved)[1]
+            elif manifest_paths(resolved, split):
+                records = read_records(manifest_paths(resolved, split))
+            else:
+                continue
+        except ManifestError as exc:
+            issues += exc.issues
+            continue
+        counts[split] = {"records": len(records), "by_kind": records.counts(),
+                         "manifests": manifest_paths(resolved, split) or ["(held out of train)"]}
+    if issues:
+        raise ManifestError(issues)
+    if as_json:
+        print(json.dumps(counts, indent=2))
+        return
+    table = Table(title=f"data of profile {resolved.name}", title_justify="left")
+    for column in ("split", "records", "vl", "text", "audio", "av", "manifests"):
+        table.add_column(column, justify="left" if column in ("split", "manifests") else "right")
+    for split, entry in counts.items():
+        kinds = entry["by_kind"]
+        table.add_row(split, str(entry["records"]), *(str(kinds.get(k, 0)) for k in ("vl", "text", "audio", "av")),
+                      ", ".join(entry["manifests"]))
+    console.print(table)
+    console.print(f"[green]ok[/]: data of profile [bold]{resolved.name}[/]: every record and file checked",
+                  highlight=False)

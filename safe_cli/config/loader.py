@@ -275,13 +275,12 @@ def semantic_issues(profile: Profile, source: str) -> list[Issue]:
         except SafeError as exc:
             add("data.root", str(exc).removeprefix("data.root: "))
     if data.source == "manifest":
-        if not data.train_manifest and not data.eval_manifests:
-            add("data.train_manifest", "source manifest needs train_manifest or eval_manifests")
-        for key, value in [("data.train_manifest", data.train_manifest)] + [
-            (f"data.eval_manifests.{i}", m) for i, m in enumerate(data.eval_manifests)
-        ]:
-            if value and not Path(value).expanduser().is_file():
-                add(key, f"manifest not found: {value}")
+        if not data.train_manifests and not data.eval_manifests:
+            add("data.train_manifests", "source manifest needs train_manifests or eval_manifests")
+        for name in ("train_manifests", "validation_manifests", "eval_manifests"):
+            for i, value in enumerate(getattr(data, name)):
+                if value and not Path(value).expanduser().is_file():
+                    add(f"data.{name}.{i}", f"manifest not found: {value}")
     return issues
 
 

@@ -244,8 +244,9 @@ class PolicyConfig(Section):
 class DataConfig(Section):
     source: Literal["synthetic", "fsdd-mnist", "manifest"] = Field(
         "synthetic",
-        description="synthetic (embedded AV-digits, needs nothing), fsdd-mnist (real FSDD + MNIST "
-        "under root) or manifest (train_manifest / eval_manifests).",
+        description="synthetic (embedded AV-digits, needs nothing), fsdd-mnist (real FSDD + MNIST under root) or "
+        "manifest (your own records: train_manifests / validation_manifests / eval_manifests). The AV-digits "
+        "sources are exported to manifests in the cache and read like yours.",
     )
     root: Optional[str] = Field(
         None, description="Directory of FSDD + MNIST for fsdd-mnist; the SAFE_DATA_ROOT environment variable "
@@ -257,17 +258,65 @@ class DataConfig(Section):
     held_out_speakers: list[str] = Field(
         default_factory=lambda: ["theo"], description="Speakers held out when split is speakers."
     )
-    train_manifest: Optional[str] = Field(None, description="Training manifest (JSON/JSONL) for source manifest.")
-    eval_manifests: list[str] = Field(default_factory=list, description="Evaluation manifests for source manifest.")
-    num_train: int = Field(2000, ge=1, description="Training examples generated per question family.")
-    num_eval: int = Field(200, ge=1, description="Evaluation examples generated per question family.")
+    train_manifests: list[str] = Field(
+        default_factory=list, description="Training manifests (JSON/JSONL, this project's format or ShareGPT's) for "
+        "source manifest: audio/av records teach the adapters, vl/text records are retention data."
+    )
+    validation_manifests: list[str] = Field(
+        default_factory=list, description="Validation manifests (Stage C's calibration); without them "
+        "validation_fraction of the training records is held out instead."
+    )
+    eval_manifests: list[str] = Field(
+        default_factory=list, description="Evaluation manifests for source manifest (end of each stage, "
+        "eval-retention). Never used to train or calibrate."
+    )
+    validation_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of the training records (chosen by a hash of their id, so stable "
+        "under reordering) held out for Stage C's calibration when no validation_manifests are given."
+    )
+    task_weights: dict[str, float] = Field(
+        default_factory=dict, description="Sampling shares of the training batches by task or kind, e.g. "
+        "{audio/caption: 2, av: 1}: a task's share is its weight over the sum of the weights of the tasks present "
+        "(unlisted tasks weigh 1). Empty: every record is equally likely."
+    )
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="A record whose image or clip fails to decode during training is skipped and "
+        "counted; past this share of the training records the run stops (exit 1) with a checkpoint."
+    )
+    loader_workers: int = Field(
+        1, ge=0, description="DataLoader worker processes that read records, decode media and run the base's "
+        "processor for the next steps while the current one trains (0: in the training process)."
+    )
+    media_cache_mb: float = Field(
+        512.0, ge=0, description="Decoded images and clips kept in memory per process (least recently used go first)."
+    )
+    foundation_source: Optional[Literal["synthetic", "fsdd-mnist"]] = Field(
+        None, description="The AV-digits source the built-in tiny models (tiny-llava, tiny-whisper) pretrain on; "
+        "default: data.source when that is an AV-digits source, else synthetic. Unused with real checkpoints."
+    )
+    num_train: int = Field(2000, ge=1, description="AV-digits: training examples generated per question family.")
+    num_eval: int = Field(200, ge=1, description="AV-digits: evaluation examples generated per question family.")
     sample_rate: int = Field(16000, ge=1000, description="Audio is resampled to this rate before encoding.")
     max_audio_seconds: float = Field(30.0, gt=0, description="Longer clips are cut to this length.")
     audio_features: Optional[str] = Field(
         None, description="A feature cache made by `safe encode-audio` with this profile's encoder: training and "
         "evaluation read each clip's features from it (found by the file's content hash) instead of running the "
-        "encoder. Every clip the examples use must be in it (fsdd-mnist; the synthetic source has no files).",
+        "encoder. Every clip the records use must be in it.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_train_manifest(cls, values):
+        if isinstance(values, dict) and "train_manifest" in values:
+            import warnings
+
+            values = dict(values)
+            old = values.pop("train_manifest")
+            if old:
+                values["train_manifests"] = list(values.get("train_manifests") or []) + [old]
+            warnings.warn("data.train_manifest is deprecated; use data.train_manifests: [path, ...]",
+                          FutureWarning, stacklevel=2)
+        return values
 
 
 # --------------------------------------------------------------------------- training
@@ -403,6 +452,15 @@ class EvaluationConfig(Section):
     bootstrap_samples: int = Field(2000, ge=100, description="Paired bootstrap resamples for the 95% interval.")
     max_examples: Optional[int] = Field(None, ge=1, description="Cap on examples per task (None = all).")
     batch_size: int = Field(32, ge=1, description="Evaluation batch size.")
+    max_new_tokens: int = Field(
+        16, ge=1, description="Longest generated answer in tokens (greedy decoding stops earlier at end of sequence)."
+    )
+    metrics: dict[str, Literal["exact", "contains", "token_f1", "bleu", "chrf", "wer"]] = Field(
+        default_factory=dict, description="Score per task or kind (a task's own entry wins), default exact: exact "
+        "(normalised exact match, several references allowed), contains (a reference appears in the answer), "
+        "token_f1 (SQuAD-style), bleu / chrf (sacrebleu, sentence level, /100), wer (jiwer; score 1 - WER, at "
+        "least 0)."
+    )
 
 
 class SlurmConfig(Section):

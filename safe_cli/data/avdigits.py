@@ -29,6 +29,7 @@ import gzip
 import hashlib
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -328,7 +329,11 @@ def write_split(
     images: DigitImages,
     clips: DigitClips,
 ) -> Path:
-    """Write images (PNG), clips (WAV, unless they are files already) and ``{name}.jsonl``."""
+    """Write images (PNG), clips (WAV, unless they are files already) and ``{name}.jsonl``.
+
+    Synthetic clips are written as 32-bit float WAV, so reading them back gives the very
+    samples that were made: training from the files equals training from memory.
+    """
     import soundfile as sf
     from PIL import Image
 
@@ -350,7 +355,7 @@ def write_split(
             else:
                 audio_dir.mkdir(parents=True, exist_ok=True)
                 path = audio_dir / f"{example.clip:05d}.wav"
-                sf.write(path, clips.waves[example.clip], clips.sample_rate, subtype="PCM_16")
+                sf.write(path, clips.waves[example.clip], clips.sample_rate, subtype="FLOAT")
                 clip_paths[example.clip] = str(path)
         records.append(
             Record(
@@ -365,6 +370,59 @@ def write_split(
             )
         )
     return write_manifest(records, out_dir / f"{name}.jsonl")
+
+
+# --------------------------------------------------------------------------- the benchmark as manifests
+
+SYNTHETIC_SIZES = {"train": (4000, 2000), "test": (1000, 500)}  # (images, clips) per split
+EXPORT_VERSION = 1  # bump when export writes other records or files: the cache keys include it
+
+
+@dataclass
+class Sources:
+    images: DigitImages
+    clips: DigitClips
+
+
+@lru_cache(maxsize=8)
+def load_source(source: str, root: Optional[str], split: str, rule: str, held_out: tuple[str, ...],
+                seed: int) -> Sources:
+    """One split's raw material: digit images and digit clips."""
+    if source == "synthetic":
+        n_images, n_clips = SYNTHETIC_SIZES[split]
+        return Sources(synthetic_images(n_images, seed, split), synthetic_clips(n_clips, seed, split))
+    if source == "fsdd-mnist":
+        path = check_data_root(root)
+        return Sources(load_mnist(path, split), load_fsdd(path, split, rule, held_out))
+    raise SafeError(f"data.source: {source!r} is not an AV-digits source (synthetic or fsdd-mnist)")
+
+
+def training_examples(sources: Sources, per_task: int, seed: int) -> list[Example]:
+    """What the stages train on: the audio and AV questions, and the VL/text questions each with its
+    distractor clip (the questions without one are the base's concern, not SAFE's)."""
+    examples = make_examples(sources.images, sources.clips, per_task, seed, "train")
+    return [e for e in examples if e.clip is not None]
+
+
+def export(out_dir: Path, source: str, root: Optional[str], rule: str, held_out: tuple[str, ...], seed: int,
+           num_train: int, num_eval: int) -> dict[str, Path]:
+    """AV-digits as manifests: ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` with their files.
+
+    validation holds fresh pairings (and, for the synthetic source, fresh material) made with
+    ``seed + 1`` from the training split, for Stage C's calibration; test is every question
+    family, with and without a distractor clip.
+    """
+    out_dir = Path(out_dir)
+    train = load_source(source, root, "train", rule, held_out, seed)
+    validation = load_source(source, root, "train", rule, held_out, seed + 1)
+    test = load_source(source, root, "test", rule, held_out, seed)
+    return {
+        "train": write_split(out_dir, "train", training_examples(train, num_train, seed), train.images, train.clips),
+        "validation": write_split(out_dir, "validation", training_examples(validation, num_train, seed + 1),
+                                  validation.images, validation.clips),
+        "test": write_split(out_dir, "test", make_examples(test.images, test.clips, num_eval, seed, "test"),
+                            test.images, test.clips),
+    }
 
 
 def source_fingerprint(source: str, root: Optional[Path]) -> str:

@@ -5,8 +5,16 @@ One place knows each base kind's prompt format:
     LLaVA (1.5 and the built-in tiny one)  "USER: <image>\\n{question} ASSISTANT:"
     BLIP-2                                 "Question: {question} Answer:"
 
-Training batches append the answer and ``</s>`` and label only those tokens (everything else
-is -100); generation batches are left-padded so every row's next token sits at the end.
+A multi-turn record repeats the pattern, each earlier answer followed by the end-of-sequence
+token ("USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT:"); an optional system turn
+comes first. Training batches label every answer and its terminator (everything else is
+-100), as LLaVA trains on every assistant turn; generation batches are left-padded so every
+row's next token sits at the end and end on the last question.
+
+Labels come from the token counts of the conversation's prefixes at each answer's start and
+end, encoded through the same processor. A tokenizer that merges across such a boundary would
+shift them, so the prefixes are checked against the full sequence and a mismatch is an error
+naming the row, never a silently wrong label.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ class Query:
     question: str
     image: Optional[Any] = None  # a PIL image or a (H, W) / (H, W, 3) uint8 array
     answer: Optional[str] = None
+    history: tuple[tuple[str, str], ...] = ()  # earlier (question, answer) exchanges
+    system: Optional[str] = None
 
 
 def _pil(image: Any):
@@ -38,7 +48,7 @@ def _pil(image: Any):
 class PromptBatcher:
     """Builds model inputs for one base (its kind decides the prompt, its processor the tokens)."""
 
-    def __init__(self, base):
+    def __init__(self, base, max_new_tokens: int = 16):
         if base.processor is None:
             raise ValueError(f"the {base.kind} base has no processor; it cannot turn questions into inputs")
         self.kind = base.kind
@@ -47,12 +57,29 @@ class PromptBatcher:
         self.device = next(base.model.parameters()).device
         self.dtype = next(base.model.parameters()).dtype
         self.image_size = base.model.config.vision_config.image_size
+        self.max_new_tokens = max_new_tokens  # generation's cap; the longest answer the data expects
+
+    def _turn(self, question: str, first: bool, has_image: bool) -> str:
+        if self.kind == "hf-blip2":
+            return f"Question: {question} Answer:"
+        image = "<image>\n" if first and has_image else ""
+        return f"USER: {image}{question} ASSISTANT:"
+
+    def segments(self, query: Query, with_answer: bool) -> list[tuple[str, bool]]:
+        """The conversation as (text, is an answer) pieces; joined, they are the model's input."""
+        eos = self.tokenizer.eos_token
+        pieces: list[tuple[str, bool]] = []
+        if query.system:
+            pieces.append((query.system + " ", False))
+        exchanges = list(query.history) + [(query.question, query.answer if with_answer else None)]
+        for i, (question, answer) in enumerate(exchanges):
+            pieces.append((self._turn(question, i == 0, query.image is not None), False))
+            if answer is not None:
+                pieces.append((f" {answer}{eos}", True))
+        return pieces
 
     def prompt(self, query: Query) -> str:
-        if self.kind == "hf-blip2":
-            return f"Question: {query.question} Answer:"
-        image = "<image>\n" if query.image is not None else ""
-        return f"USER: {image}{query.question} ASSISTANT:"
+        return "".join(text for text, _ in self.segments(query, with_answer=False))
 
     def _encode(self, texts: list[str], queries: Sequence[Query], padding_side: str) -> dict[str, torch.Tensor]:
         images = [_pil(q.image) for q in queries if q.image is not None]
@@ -71,18 +98,41 @@ class PromptBatcher:
         return self._encode([self.prompt(q) for q in queries], queries, "left")
 
     def for_training(self, queries: Sequence[Query]) -> dict[str, torch.Tensor]:
-        """Inputs plus ``labels`` that score only each row's answer and end-of-sequence token."""
+        """Inputs plus ``labels`` that score only each row's answers and their end-of-sequence token."""
         if any(q.answer is None for q in queries):
             raise ValueError("training queries need answers")
-        prompts = [self.prompt(q) for q in queries]
-        eos = self.tokenizer.eos_token
-        full = [f"{p} {q.answer}{eos}" for p, q in zip(prompts, queries)]
-        batch = self._encode(full, queries, "right")
-        prompt_lengths = self._encode(prompts, queries, "right")["attention_mask"].sum(1)
-        positions = torch.arange(batch["input_ids"].shape[1], device=self.device)[None, :]
-        answer = (positions >= prompt_lengths[:, None]) & batch["attention_mask"].bool()
-        batch["labels"] = torch.where(answer, batch["input_ids"], torch.full_like(batch["input_ids"], IGNORE_INDEX))
+        pieces = [self.segments(q, with_answer=True) for q in queries]
+        batch = self._encode(["".join(t for t, _ in row) for row in pieces], queries, "right")
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+        answer = torch.zeros_like(mask)
+        # Boundaries of every answer: the prefix up to its start and up to its end, per row.
+        bounds = [[i for i, (_, is_answer) in enumerate(row) if is_answer] for row in pieces]
+        for turn in range(max(len(b) for b in bounds)):
+            rows = [r for r, b in enumerate(bounds) if turn < len(b)]
+            chosen = [queries[r] for r in rows]
+            starts = self._prefix_lengths([pieces[r][:bounds[r][turn]] for r in rows], chosen, ids, rows)
+            if all(bounds[r][turn] == len(pieces[r]) - 1 for r in rows):  # the last answer ends the row
+                ends = mask[rows].sum(1)
+            else:
+                ends = self._prefix_lengths([pieces[r][:bounds[r][turn] + 1] for r in rows], chosen, ids, rows)
+            inside = (positions[:1] >= starts[:, None]) & (positions[:1] < ends[:, None])
+            answer[rows] |= inside & mask[rows]
+        batch["labels"] = torch.where(answer, ids, torch.full_like(ids, IGNORE_INDEX))
         return batch
+
+    def _prefix_lengths(self, prefixes: list, queries: Sequence[Query], full_ids: torch.Tensor,
+                        rows: list[int]) -> torch.Tensor:
+        """Token count of each prefix, checked to be the start of its full row."""
+        encoded = self._encode(["".join(t for t, _ in p) for p in prefixes], queries, "right")
+        lengths = encoded["attention_mask"].sum(1)
+        for i, row in enumerate(rows):
+            n = int(lengths[i])
+            if not torch.equal(encoded["input_ids"][i, :n], full_ids[row, :n]):
+                text = "".join(t for t, _ in prefixes[i])
+                raise ValueError(f"the tokenizer encodes the conversation differently from its prefix "
+                                 f"{text[-60:]!r}; the answer's labels would be shifted")
+        return lengths
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
@@ -90,9 +140,10 @@ class PromptBatcher:
 
 
 @torch.no_grad()
-def generate_answers(model, batcher: PromptBatcher, queries: Sequence[Query], max_new_tokens: int = 4,
+def generate_answers(model, batcher: PromptBatcher, queries: Sequence[Query], max_new_tokens: Optional[int] = None,
                      **extra: Any) -> list[str]:
     """Greedy answers of ``model`` (a Hugging Face model with ``generate``) to ``queries``."""
+    max_new_tokens = batcher.max_new_tokens if max_new_tokens is None else max_new_tokens
     batch = batcher.for_generation(queries)
     eos = batcher.tokenizer.eos_token_id
     output = model.generate(**batch, **extra, max_new_tokens=max_new_tokens, do_sample=False,

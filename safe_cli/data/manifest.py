@@ -1,20 +1,38 @@
-"""Read, validate and write data manifests.
+"""Read, validate and write data manifests: the one record type every stage reads.
 
-A manifest is JSON (a list of records) or JSONL (one record per line) in LLaVA's conversation
-format plus ``audio`` and ``task``::
+Two input formats, both one JSON object per record (a ``.jsonl`` file, one per line, or a
+``.json`` list):
+
+* this project's (LLaVA's conversations plus ``audio`` and ``task``)::
 
     {"id": "7", "image": "img/1.png", "audio": "wav/3.wav", "task": "audio/digit",
      "conversations": [{"from": "human", "value": "<image>\\n<audio>\\nWhich digit is spoken?"},
                        {"from": "gpt", "value": "three"}],
      "answers": ["three", "3"], "meta": {"audio_digit": 3}}
 
-Paths are relative to the manifest's directory (absolute paths are allowed); ``image`` and
-``audio`` are optional. ``answers`` (acceptable references for scoring) defaults to the gpt
-turn's value; ``meta`` is a free-form object of labels. Unknown top-level keys are ignored.
+* the ShareGPT / LlamaFactory convention::
+
+    {"id": "7", "messages": [{"role": "user", "content": "<audio>Which digit is spoken?"},
+                             {"role": "assistant", "content": "three"}],
+     "images": ["img/1.png"], "audios": ["wav/3.wav"]}
+
+Either way a record may hold several exchanges (multi-turn; an optional leading system turn),
+at most one image and one clip, and ``<image>`` / ``<audio>`` placeholders in the user turns,
+counted against the media once here (a placeholder inside an answer stays text). ``task`` is
+``kind/name`` or a bare kind; without it the kind comes from the media the record carries
+(image and audio: ``av``, audio: ``audio``, image: ``vl``, neither: ``text``) and the name
+from the manifest's file name, so a plain LLaVA VQA file is retention data as it is. Paths are
+relative to the manifest's directory (absolute paths are allowed). ``answers`` (references for
+scoring) defaults to the last assistant turn; ``meta`` is a free-form object of labels.
 
 Every problem in a file is collected and reported at once, each located as
 ``FILE:LINE (id X): key: message`` (JSONL) or ``FILE: record N (id X): key: message`` (JSON
 list; records count from 1), so a manifest is fixed in one pass.
+
+:class:`ManifestFile` scans a file once (validating every record and checking each distinct
+file once) and keeps only byte offsets and a task code per record: records are parsed again
+when asked for, so a corpus much larger than memory streams. JSON lists are parsed whole; use
+JSONL for large corpora.
 """
 
 from __future__ import annotations
@@ -24,7 +42,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
 
 from ..atomic import atomic_write_text
 from ..errors import SafeError
@@ -36,10 +56,13 @@ TASK_KINDS = ("vl", "text", "audio", "av")
 MAX_LISTED_ISSUES = 20
 
 _TASK_RE = re.compile(r"^([^/]*)/([A-Za-z0-9_.\-]+)$")
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-]+")
 _PLACEHOLDER_RE = re.compile(rf"\s*(?:{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(AUDIO_PLACEHOLDER)})\s*")
 _NEEDS_AUDIO = ("audio", "av")
 _NEEDS_IMAGE = ("vl", "av")
 _NO_IMAGE = ("text",)
+# Speaker names of both conventions, mapped to one vocabulary.
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -58,7 +81,12 @@ class ManifestError(SafeError):
 
 @dataclass(frozen=True)
 class Record:
-    """One validated example. ``image``/``audio`` are absolute path strings after read_manifest."""
+    """One validated example. ``image``/``audio`` are absolute path strings after reading.
+
+    ``question`` and ``answer`` are the last exchange (the one evaluation scores); ``history``
+    holds the earlier (user, assistant) exchanges of a multi-turn record, which training
+    labels too; ``system`` is an optional system turn.
+    """
 
     id: str
     task: str
@@ -68,30 +96,50 @@ class Record:
     image: Optional[str] = None
     audio: Optional[str] = None
     meta: dict = field(default_factory=dict, hash=False, compare=True)
+    history: tuple[tuple[str, str], ...] = ()
+    system: Optional[str] = None
 
     @property
     def kind(self) -> str:
         return self.task.split("/", 1)[0]
 
+    @property
+    def needs_audio(self) -> bool:
+        return self.kind in _NEEDS_AUDIO
+
+    @property
+    def is_retention(self) -> bool:
+        """A VL or text question with a (distractor) clip: the audio must not change the answer."""
+        return self.audio is not None and not self.needs_audio
+
+    def with_audio(self, audio: Optional[str], **meta: Any) -> "Record":
+        """The same question with another clip (a distractor), labelled in ``meta``."""
+        from dataclasses import replace
+
+        return replace(self, audio=audio, meta={**self.meta, **meta})
+
     def to_json(self, relative_to: Optional[PathLike] = None) -> dict:
-        """Back to LLaVA format; paths relative to ``relative_to`` when given.
+        """Back to this project's format; paths relative to ``relative_to`` when given.
 
         A relative path held by the record is taken relative to the current directory (plain
         os.path semantics) when it is re-expressed against ``relative_to``.
         """
-        human = ""
+        head = ""
         if self.image is not None:
-            human += IMAGE_PLACEHOLDER + "\n"
+            head += IMAGE_PLACEHOLDER + "\n"
         if self.audio is not None:
-            human += AUDIO_PLACEHOLDER + "\n"
-        human += self.question
+            head += AUDIO_PLACEHOLDER + "\n"
+        exchanges = list(self.history) + [(self.question, self.answer)]
         out: dict[str, Any] = {"id": self.id}
         if self.image is not None:
             out["image"] = _relative(self.image, relative_to)
         if self.audio is not None:
             out["audio"] = _relative(self.audio, relative_to)
         out["task"] = self.task
-        out["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": self.answer}]
+        turns = [{"from": "system", "value": self.system}] if self.system is not None else []
+        for i, (question, answer) in enumerate(exchanges):
+            turns += [{"from": "human", "value": (head if i == 0 else "") + question}, {"from": "gpt", "value": answer}]
+        out["conversations"] = turns
         if tuple(self.answers) != (self.answer,):
             out["answers"] = list(self.answers)
         if self.meta:
@@ -108,7 +156,133 @@ def _relative(path: str, relative_to: Optional[PathLike]) -> str:
         return os.path.abspath(path)
 
 
+def default_task_name(path: PathLike) -> str:
+    """The task name a record without ``task`` gets: its manifest's file name, e.g. ``vqa``."""
+    name = _NAME_CHARS.sub("_", Path(path).stem).strip("_")
+    return name or "data"
+
+
 # --------------------------------------------------------------------------- reading
+
+
+class FileChecker:
+    """``reason(path)``: None for a readable file, else why not; each path is checked once."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._seen: dict[str, Optional[str]] = {}
+
+    def reason(self, path: str) -> Optional[str]:
+        if not self.enabled:
+            return None
+        if path not in self._seen:
+            if os.path.isfile(path):
+                self._seen[path] = None
+            else:
+                self._seen[path] = "is not a file" if os.path.exists(path) else "file not found"
+        return self._seen[path]
+
+
+class ManifestFile:
+    """One manifest, validated in one pass; records are read back on demand by index.
+
+    Keeps per record only its byte range (JSONL) and task code, plus the distinct image and
+    audio paths, so a 100,000-record file costs a few MB. Raises ManifestError listing every
+    problem of the file.
+    """
+
+    def __init__(self, path: PathLike, check_files: Union[bool, FileChecker] = True):
+        self.path = Path(path)
+        self.name = str(self.path)
+        self.base = Path(os.path.abspath(self.path)).parent
+        self.default_task = default_task_name(self.path)
+        checker = check_files if isinstance(check_files, FileChecker) else FileChecker(bool(check_files))
+        self.task_names: list[str] = []
+        codes: dict[str, int] = {}
+        task_codes: list[int] = []
+        has_audio: list[bool] = []
+        self.audio_paths: set[str] = set()
+        self.image_paths: set[str] = set()
+        self._records: Optional[list[Record]] = None
+        spans: list[tuple[int, int]] = []
+        issues: list[str] = []
+        first_seen: dict[str, str] = {}
+
+        def keep(record: Record) -> None:
+            if record.task not in codes:
+                codes[record.task] = len(self.task_names)
+                self.task_names.append(record.task)
+            task_codes.append(codes[record.task])
+            has_audio.append(record.audio is not None)
+            if record.audio is not None:
+                self.audio_paths.add(record.audio)
+            if record.image is not None:
+                self.image_paths.add(record.image)
+
+        suffix = self.path.suffix.lower()
+        data = _read_bytes(self.path)
+        as_json = suffix == ".json" or (suffix != ".jsonl" and data.lstrip()[:1] == b"[")
+        if as_json:
+            self._records = []
+            for where, obj in _parse_json_list(data, self.name, suffix, issues):
+                record = convert(obj, where, self.base, checker, issues, first_seen, self.default_task)
+                if record is not None:
+                    self._records.append(record)
+                    keep(record)
+        else:
+            for lineno, start, end, obj in _scan_jsonl(data, self.name):
+                if isinstance(obj, _Unparsable):  # reported in its place; the rest is still checked
+                    issues.append(obj.message)
+                    continue
+                record = convert(obj, f"{self.name}:{lineno}", self.base, checker, issues, first_seen,
+                                 self.default_task)
+                if record is not None:
+                    spans.append((start, end))
+                    keep(record)
+        del data
+        if issues:
+            raise ManifestError(issues)
+        if not task_codes:
+            raise ManifestError(f"{self.name}: no records")
+        self.task_codes = np.asarray(task_codes, dtype=np.int32)
+        self.has_audio = np.asarray(has_audio, dtype=bool)
+        self._spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        self._fd: Optional[int] = None
+        self._fd_pid: Optional[int] = None
+
+    def __len__(self) -> int:
+        return len(self.task_codes)
+
+    @property
+    def kinds(self) -> np.ndarray:
+        """(N,) str: each record's task kind."""
+        names = np.asarray([t.split("/", 1)[0] for t in self.task_names] or [""])
+        return names[self.task_codes]
+
+    def task(self, index: int) -> str:
+        return self.task_names[int(self.task_codes[index])]
+
+    def __getitem__(self, index: int) -> Record:
+        if self._records is not None:
+            return self._records[index]
+        start, end = (int(x) for x in self._spans[index])
+        # pread: no shared file position, so forked DataLoader workers can read side by side.
+        if self._fd is None or self._fd_pid != os.getpid():
+            self._fd, self._fd_pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        line = os.pread(self._fd, end - start, start).decode("utf-8")
+        issues: list[str] = []
+        record = convert(json.loads(line), self.name, self.base, FileChecker(False), issues, None, self.default_task)
+        if record is None:  # the file changed since it was validated
+            raise ManifestError([f"{self.name}: changed since it was read: {issue}" for issue in issues])
+        return record
+
+    def __iter__(self) -> Iterator[Record]:
+        return (self[i] for i in range(len(self)))
+
+    def __getstate__(self):  # file descriptors do not travel to spawned processes
+        state = dict(self.__dict__)
+        state["_fd"] = state["_fd_pid"] = None
+        return state
 
 
 def read_manifest(path: PathLike, check_files: bool = True) -> list[Record]:
@@ -117,41 +291,19 @@ def read_manifest(path: PathLike, check_files: bool = True) -> list[Record]:
     Other extensions: a file whose first non-space character is ``[`` is a JSON list, anything
     else JSONL. Blank JSONL lines are skipped. A manifest with no records is an error.
     """
-    path = Path(path)
+    return list(ManifestFile(path, check_files))
+
+
+def _read_bytes(path: Path) -> bytes:
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{name}: manifest file not found") from None
     except IsADirectoryError:
         raise ManifestError(f"{name}: is a directory, expected a .json or .jsonl manifest file") from None
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{name}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ManifestError(f"{name}: cannot read: {exc.strerror or exc}") from None
-
-    suffix = path.suffix.lower()
-    as_json = suffix == ".json" or (suffix != ".jsonl" and text.lstrip().startswith("["))
-    issues: list[str] = []
-    entries = _parse_json_list(text, name, suffix, issues) if as_json else _parse_jsonl(text, name)
-    if issues:  # a syntax error in a JSON list leaves nothing to validate
-        raise ManifestError(issues)
-    if not entries:
-        raise ManifestError(f"{name}: no records")
-
-    base = Path(os.path.abspath(path)).parent
-    records: list[Record] = []
-    first_seen: dict[str, str] = {}
-    for where, obj in entries:
-        if isinstance(obj, _Unparsable):  # a bad JSONL line: reported in its place, the rest still checked
-            issues.append(obj.message)
-            continue
-        record = _validate(obj, where, base, check_files, issues, first_seen)
-        if record is not None:
-            records.append(record)
-    if issues:
-        raise ManifestError(issues)
-    return records
 
 
 @dataclass(frozen=True)
@@ -159,36 +311,54 @@ class _Unparsable:
     message: str
 
 
-def _parse_jsonl(text: str, name: str) -> list[tuple[str, Any]]:
-    entries = []
+def _scan_jsonl(data: bytes, name: str) -> Iterator[tuple[int, int, int, Any]]:
+    """(line number, start byte, end byte, object or _Unparsable) per non-blank line."""
+    position = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark
+    lineno = 0
+    size = len(data)
     # split on \n only: str.splitlines() would also split inside strings at U+2028 and friends
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
+    while position < size:
+        lineno += 1
+        end = data.find(b"\n", position)
+        end = size if end < 0 else end
+        raw = data[position:end]
+        start = position
+        position = end + 1
+        if not raw.strip():
             continue
         try:
-            obj = json.loads(line)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield lineno, start, end, _Unparsable(f"{name}:{lineno}: not UTF-8 text (byte {exc.start} of the line)")
+            continue
+        try:
+            obj = json.loads(text)
         except json.JSONDecodeError as exc:
             obj = _Unparsable(f"{name}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})")
-        entries.append((f"{name}:{lineno}", obj))
-    return entries
+        yield lineno, start, end, obj
 
 
-def _parse_json_list(text: str, name: str, suffix: str, issues: list[str]) -> list[tuple[str, Any]]:
+def _parse_json_list(data: bytes, name: str, suffix: str, issues: list[str]) -> list[tuple[str, Any]]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        issues.append(f"{name}: not UTF-8 text (byte {exc.start})")
+        return []
     if not text.strip():
         issues.append(f"{name}: empty file, expected a JSON list of records")
         return []
     try:
-        data = json.loads(text)
+        parsed = json.loads(text)
     except json.JSONDecodeError as exc:
         hint = ""
         if exc.msg == "Extra data" and suffix == ".json":
             hint = " (one record per line? name the file .jsonl)"
         issues.append(f"{name}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}){hint}")
         return []
-    if not isinstance(data, list):
-        issues.append(f"{name}: expected a JSON list of records at the top, got {_type_name(data)}")
+    if not isinstance(parsed, list):
+        issues.append(f"{name}: expected a JSON list of records at the top, got {_type_name(parsed)}")
         return []
-    return [(f"{name}: record {i}", obj) for i, obj in enumerate(data, start=1)]
+    return [(f"{name}: record {i}", obj) for i, obj in enumerate(parsed, start=1)]
 
 
 def _type_name(value: Any) -> str:
@@ -202,17 +372,91 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _validate(
+# --------------------------------------------------------------------------- one record
+
+
+def _media(obj: dict, single: str, plural: str, bad: Callable[[str, str], None]) -> tuple[Optional[str], str]:
+    """The record's one file of a medium, from ``image`` or ``images`` (a list of at most one)."""
+    if obj.get(single) is not None and obj.get(plural) is not None:
+        bad(plural, f"give {single!r} or {plural!r}, not both")
+        return None, plural
+    if obj.get(plural) is not None:
+        value = obj[plural]
+        if not isinstance(value, list):
+            bad(plural, f"expected a list of file paths, got {_type_name(value)}")
+            return None, plural
+        if len(value) > 1:
+            bad(plural, f"{len(value)} files; a record holds at most one {single} for now")
+            return None, plural
+        if not value:
+            return None, plural
+        value, key = value[0], f"{plural}[0]"
+    else:
+        value, key = obj.get(single), single
+        if value is None:
+            return None, key
+    if not isinstance(value, str) or not value.strip():
+        bad(key, f"expected a file path (string) or null, got {_type_name(value)}")
+        return None, key
+    return value, key
+
+
+def _turns(obj: dict, bad: Callable[[str, str], None]) -> Optional[tuple[str, list[tuple[str, str, str]]]]:
+    """(list key, [(role, text, key of the text)]) from ``messages`` or ``conversations``."""
+    if "messages" in obj and "conversations" in obj:
+        bad("messages", "give 'messages' or 'conversations', not both")
+        return None
+    list_key = "messages" if "messages" in obj else "conversations"
+    speaker_key, text_key = ("role", "content") if list_key == "messages" else ("from", "value")
+    turns_value = obj.get(list_key)
+    if list_key not in obj:
+        bad("conversations", "missing; expected a list of turns [{'from': 'human', ...}, {'from': 'gpt', ...}] "
+                             "(or 'messages': [{'role': 'user', ...}, {'role': 'assistant', ...}])")
+        return None
+    if not isinstance(turns_value, list):
+        bad(list_key, f"expected a list of turns, got {_type_name(turns_value)}")
+        return None
+    if len(turns_value) < 2:
+        bad(list_key, f"expected at least 2 turns (a user question and an assistant answer), got {len(turns_value)}")
+        return None
+    out, ok = [], True
+    for i, turn in enumerate(turns_value):
+        key = f"{list_key}[{i}]"
+        if not isinstance(turn, dict):
+            bad(key, f"expected an object with {speaker_key!r} and {text_key!r}, got {_type_name(turn)}")
+            ok = False
+            continue
+        # Either convention's key names inside either list: LlamaFactory files mix them.
+        speaker = turn.get(speaker_key, turn.get("role" if speaker_key == "from" else "from"))
+        text = turn.get(text_key, turn.get("content" if text_key == "value" else "value"))
+        role = _ROLES.get(speaker) if isinstance(speaker, str) else None
+        if role is None:
+            got = f"got {speaker!r}" if speaker is not None else "missing"
+            bad(f"{key}.{speaker_key}", f"expected 'human'/'user', 'gpt'/'assistant' or 'system', {got}")
+            ok = False
+        if not isinstance(text, str):
+            got = f"got {_type_name(text)}" if text is not None else "missing"
+            bad(f"{key}.{text_key}", f"expected a string, {got}")
+            ok = False
+            continue
+        out.append((role, text, f"{key}.{text_key}"))
+    return (list_key, out) if ok else None
+
+
+def convert(
     obj: Any,
     where: str,
     base: Optional[Path],
-    check_files: bool,
+    files: FileChecker,
     issues: list[str],
-    first_seen: dict[str, str],
+    first_seen: Optional[dict[str, str]],
+    default_task: str = "data",
 ) -> Optional[Record]:
-    """Validate one raw record; append problems to ``issues``; return a Record when it is clean.
+    """Validate one raw record of either format; append problems to ``issues``; return a Record when clean.
 
-    ``base`` is the directory relative paths resolve against; None keeps paths as given.
+    ``base`` is the directory relative paths resolve against (None keeps paths as given);
+    ``first_seen`` tracks ids for the duplicate check (None skips it). Never tokenises: text
+    stays text until the base's own template encodes it.
     """
     if not isinstance(obj, dict):
         issues.append(f"{where}: expected a JSON object (a record), got {_type_name(obj)}")
@@ -235,99 +479,92 @@ def _validate(
         bad("id", "missing; expected a non-empty string or an integer")
     elif rid is None:
         bad("id", f"expected a non-empty string or an integer, got {_type_name(raw_id)}")
-    elif rid in first_seen:
+    elif first_seen is not None and rid in first_seen:
         bad("id", f"duplicate id {rid!r} (first at {first_seen[rid]})")
-    else:
+    elif first_seen is not None:
         first_seen[rid] = where
-
-    # task
-    task = obj.get("task")
-    kind: Optional[str] = None
-    expected_task = f"'<kind>/<name>' with kind one of {', '.join(TASK_KINDS)} (e.g. 'vl/digit')"
-    if "task" not in obj:
-        bad("task", f"missing; expected {expected_task}")
-    elif not isinstance(task, str):
-        bad("task", f"expected {expected_task}, got {_type_name(task)}")
-    else:
-        m = _TASK_RE.match(task)
-        if not m or m.group(1) not in TASK_KINDS:
-            bad("task", f"expected {expected_task}, got {task!r}")
-        else:
-            kind = m.group(1)
 
     # image / audio
     paths: dict[str, Optional[str]] = {}
-    for key in ("image", "audio"):
-        value = obj.get(key)
-        paths[key] = None
+    has: dict[str, bool] = {}
+    for single, plural in (("image", "images"), ("audio", "audios")):
+        value, key = _media(obj, single, plural, bad)
+        has[single] = obj.get(single) is not None or bool(obj.get(plural))  # given, even if malformed
+        paths[single] = None
         if value is None:
             continue
-        if not isinstance(value, str) or not value.strip():
-            bad(key, f"expected a file path (string) or null, got {_type_name(value)}")
-            continue
         resolved = os.path.normpath(os.path.join(base, value)) if base is not None else value
-        paths[key] = resolved
-        if check_files and not os.path.isfile(resolved):
-            reason = "is not a file" if os.path.exists(resolved) else "file not found"
+        paths[single] = resolved
+        reason = files.reason(resolved)
+        if reason:
             bad(key, f"{reason}: {resolved}")
-    has = {key: obj.get(key) is not None for key in ("image", "audio")}
 
-    # conversations
-    question: Optional[str] = None
-    answer: Optional[str] = None
-    convs = obj.get("conversations")
-    if "conversations" not in obj:
-        bad("conversations", "missing; expected a list of turns [{'from': 'human', ...}, {'from': 'gpt', ...}]")
-    elif not isinstance(convs, list):
-        bad("conversations", f"expected a list of turns, got {_type_name(convs)}")
-    elif len(convs) < 2:
-        bad("conversations", f"expected at least 2 turns (a human question and a gpt answer), got {len(convs)}")
+    # task: given, or from the media the record carries
+    task = obj.get("task")
+    kind: Optional[str] = None
+    expected_task = f"'<kind>/<name>' or '<kind>' with kind one of {', '.join(TASK_KINDS)} (e.g. 'vl/digit')"
+    if task is None:
+        kind = "av" if has["image"] and has["audio"] else "audio" if has["audio"] else "vl" if has["image"] else "text"
+        task = f"{kind}/{default_task}"
+    elif not isinstance(task, str):
+        bad("task", f"expected {expected_task}, got {_type_name(task)}")
+    elif task in TASK_KINDS:
+        kind, task = task, f"{task}/{default_task}"
     else:
-        turns_ok = True
-        human_value: Optional[str] = None
-        human_index = answer_index = -1
-        for i, turn in enumerate(convs):
-            key = f"conversations[{i}]"
-            if not isinstance(turn, dict):
-                bad(key, f"expected an object with 'from' and 'value', got {_type_name(turn)}")
-                turns_ok = False
-                continue
-            speaker = turn.get("from")
-            value = turn.get("value")
-            if speaker not in ("human", "gpt"):
-                got = f"got {speaker!r}" if "from" in turn else "missing"
-                bad(f"{key}.from", f"expected 'human' or 'gpt', {got}")
-                turns_ok = False
-            if not isinstance(value, str):
-                got = f"got {_type_name(value)}" if "value" in turn else "missing"
-                bad(f"{key}.value", f"expected a string, {got}")
-                turns_ok = False
-                continue
-            if speaker == "human" and human_value is None:
-                human_value, human_index = value, i
-            elif speaker == "gpt" and answer is None:
-                answer = value
-                answer_index = i
-        if turns_ok:
-            if human_value is None:
-                bad("conversations", "no human turn (the question)")
-            if answer is None:
-                bad("conversations", "no gpt turn (the answer)")
-        if human_value is not None:
-            key = f"conversations[{human_index}].value"
-            for placeholder, media in ((IMAGE_PLACEHOLDER, "image"), (AUDIO_PLACEHOLDER, "audio")):
-                count = human_value.count(placeholder)
-                if count and not has[media]:
-                    bad(key, f"contains {placeholder} but the record has no {media}")
-                elif count > 1:
-                    bad(key, f"contains {placeholder} {count} times; expected at most once")
-            question = _PLACEHOLDER_RE.sub(" ", human_value).strip()
-            if not question:
-                bad(key, "the question is empty once the <image>/<audio> placeholders are removed")
-        if answer is not None and not answer.strip():
-            bad(f"conversations[{answer_index}].value", "the answer (first gpt turn) is empty")
-        if not turns_ok:
-            question = answer = None
+        m = _TASK_RE.match(task)
+        if not m or m.group(1) not in TASK_KINDS:
+            bad("task", f"unknown task kind; expected {expected_task}, got {task!r}")
+        else:
+            kind = m.group(1)
+
+    # turns: [system] user assistant [user assistant ...]
+    exchanges: list[tuple[str, str]] = []
+    system: Optional[str] = None
+    parsed = _turns(obj, bad)
+    structure_ok = False
+    if parsed is not None:
+        list_key, turns = parsed
+        if turns and turns[0][0] == "system":
+            system = turns[0][1].strip() or None
+            turns = turns[1:]
+        roles = [t[0] for t in turns]
+        if "user" not in roles:
+            bad(list_key, "no human turn (the question)")
+        elif "assistant" not in roles:
+            bad(list_key, "no gpt turn (the answer); every record needs an assistant turn to learn or score")
+        else:
+            structure_ok = True
+            for i, (role, text, key) in enumerate(turns):
+                expected = "user" if i % 2 == 0 else "assistant"
+                if role != expected:
+                    bad(key.rsplit(".", 1)[0], f"expected a {expected} turn here (turns alternate user, assistant), "
+                                               f"got {role}")
+                    structure_ok = False
+                    break
+            if structure_ok and len(turns) % 2:
+                bad(turns[-1][2].rsplit(".", 1)[0], "the last turn is a user turn with no answer")
+                structure_ok = False
+        if structure_ok:
+            counts = {IMAGE_PLACEHOLDER: 0, AUDIO_PLACEHOLDER: 0}
+            for role, text, key in turns:
+                if role != "user":
+                    continue
+                for placeholder, media in ((IMAGE_PLACEHOLDER, "image"), (AUDIO_PLACEHOLDER, "audio")):
+                    count = text.count(placeholder)
+                    counts[placeholder] += count
+                    if count and not has[media]:
+                        bad(key, f"contains {placeholder} but the record has no {media}")
+                    elif count and counts[placeholder] > 1:
+                        bad(key, f"{placeholder} appears {counts[placeholder]} times in the user turns; "
+                                 "a record holds at most one")
+            for i in range(0, len(turns) - 1, 2):
+                (_, q_text, q_key), (_, a_text, a_key) = turns[i], turns[i + 1]
+                question = _PLACEHOLDER_RE.sub(" ", q_text).strip()
+                if not question:
+                    bad(q_key, "the question is empty once the <image>/<audio> placeholders are removed")
+                if not a_text.strip():
+                    bad(a_key, "the answer is empty")
+                exchanges.append((question, a_text))
 
     # answers / meta
     answers_value = obj.get("answers")
@@ -353,10 +590,11 @@ def _validate(
     if kind in _NO_IMAGE and has["image"]:
         bad("image", f"task {task!r} must have no image (text tasks are text-only, an audio clip aside)")
 
-    if problems:
+    if problems or not exchanges:
         issues.extend(problems)
         return None
-    assert rid is not None and task is not None and question is not None and answer is not None
+    assert rid is not None and isinstance(task, str)
+    question, answer = exchanges[-1]
     return Record(
         id=rid,
         task=task,
@@ -366,6 +604,8 @@ def _validate(
         image=paths["image"],
         audio=paths["audio"],
         meta=dict(meta) if meta else {},
+        history=tuple(exchanges[:-1]),
+        system=system,
     )
 
 
@@ -391,7 +631,7 @@ def write_manifest(records: Iterable[Record], path: PathLike) -> Path:
             issues.append(f"{where}: expected a Record, got {type(record).__name__}")
             continue
         obj = record.to_json(relative_to=base)
-        _validate(obj, where, None, False, issues, seen)
+        convert(obj, where, None, FileChecker(False), issues, seen)
         objects.append(obj)
     if issues:
         raise ManifestError(issues)

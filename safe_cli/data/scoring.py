@@ -79,3 +79,60 @@ def accuracy(predictions: Sequence[str], references: Sequence[References]) -> fl
         raise ValueError("no examples")
     correct = sum(is_correct(p, r) for p, r in zip(predictions, references))
     return correct / len(predictions)
+
+
+# --------------------------------------------------------------------------- per-task metrics
+
+METRICS = ("exact", "contains", "token_f1", "bleu", "chrf", "wer")
+BINARY_METRICS = ("exact", "contains")
+
+
+def metric_for(task: str, metrics: dict[str, str]) -> str:
+    """The profile's metric of a task: its own entry, else its kind's, else exact match."""
+    return metrics.get(task) or metrics.get(task.split("/", 1)[0]) or "exact"
+
+
+def _token_f1(prediction: str, reference: str) -> float:
+    from collections import Counter
+
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref or not common:
+        return float(pred == ref)
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score(prediction: str, references: References, metric: str = "exact") -> float:
+    """One answer's score in [0, 1] under ``metric`` (the best over the references).
+
+    exact and contains are 0/1 on normalised text; token_f1 is SQuAD's word-overlap F1;
+    bleu and chrf are sacrebleu's sentence scores / 100; wer is 1 - jiwer's word error rate
+    on normalised text, floored at 0.
+    """
+    refs = _as_references(references)
+    if metric == "exact":
+        return float(is_correct(prediction, refs))
+    if metric == "contains":
+        pred = f" {normalize_answer(prediction)} "
+        return float(bool(pred.strip()) and any(f" {normalize_answer(r)} " in pred for r in refs))
+    if metric == "token_f1":
+        return max(_token_f1(prediction, r) for r in refs)
+    if metric in ("bleu", "chrf"):
+        import sacrebleu
+
+        scorer = sacrebleu.sentence_bleu if metric == "bleu" else sacrebleu.sentence_chrf
+        return float(scorer(prediction.strip(), [r.strip() for r in refs]).score) / 100.0
+    if metric == "wer":
+        import jiwer
+
+        pred = normalize_answer(prediction)
+        best = 0.0
+        for reference in refs:
+            ref = normalize_answer(reference)
+            if not ref:
+                continue
+            error = jiwer.wer(ref, pred) if pred else 1.0
+            best = max(best, max(0.0, 1.0 - error))
+        return best
+    raise ValueError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")

@@ -1,10 +1,10 @@
-"""Evaluation examples: the profile's AV-digits test split, or any manifests a user brings.
+"""Evaluation examples: the profile's evaluation records, or any manifests a user brings.
 
-Both become an :class:`ExamplePool` (questions indexing images and clips), so the same paired
-evaluation runs on either. A manifest's VL and text questions are asked twice: as written, and
-with a *distractor* clip drawn (seeded) from the manifest's own audio, because a regression that
-only shows when audio is present is the one SAFE must rule out. Records whose image or audio
-cannot be read are skipped and listed, never fatal.
+Both are read by the one loader (``data/sources.py``) into a :class:`RecordPool`, so the same
+paired evaluation runs on either. A VL/text task whose records carry no audio is asked twice:
+as written, and with a *distractor* clip drawn (seeded) from the records' own audio, because a
+regression that only shows when audio is present is the one SAFE must rule out. Records whose
+image or audio cannot be read are skipped and listed, never fatal.
 """
 
 from __future__ import annotations
@@ -13,83 +13,53 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from ..config.schema import Profile
-from ..data.audio_io import load_audio_many
-from ..data.avdigits import DigitImages, Example
-from ..data.manifest import read_manifest
-from ..training.batches import ExamplePool, avdigits_pool
-
-RETENTION_KINDS = ("vl", "text")
+from ..data.dataset import RecordPool
+from ..data.sources import evaluation_records, make_pool, manifest_paths, read_records
 
 
 @dataclass
 class EvalData:
-    pool: ExamplePool
+    pool: RecordPool
     description: str
-    skipped: list[dict] = field(default_factory=list)  # {"id", "file", "reason"} per unusable record
+    skipped: list[dict] = field(default_factory=list)  # {"file", "reason", "ids"} per unusable file
+
+
+def _usable(pool: RecordPool) -> tuple[RecordPool, list[dict]]:
+    """The pool without the records whose files do not decode, and those files listed."""
+    kept, bad = pool.usable(list(pool.examples))
+    skipped: dict[str, dict] = {}
+    for record, _ in bad:
+        for path in (record.image, record.audio):
+            if path and path in pool.media.failed:
+                entry = skipped.setdefault(path, {"file": path, "reason": pool.media.failed[path], "ids": []})
+                entry["ids"].append(record.id)
+    return pool.view(kept), list(skipped.values())
+
+
+def _data(profile: Profile, paths: Sequence[str], sample_rate: int, encoder, description: str) -> EvalData:
+    records = read_records(paths)
+    pool = make_pool(profile, evaluation_records(records, profile.seed), sample_rate, encoder=encoder)
+    pool, skipped = _usable(pool)
+    return EvalData(pool, f"{description}: {len(records)} records", skipped)
 
 
 def profile_data(profile: Profile, sample_rate: int, encoder=None) -> EvalData:
-    source = profile.data.source
-    if source not in ("synthetic", "fsdd-mnist"):
+    """The profile's evaluation records (AV-digits' test split, or data.eval_manifests)."""
+    paths = manifest_paths(profile, "test")
+    if not paths:
         from ..errors import SafeError
 
-        raise SafeError(f"data.source: {source!r} has no built-in test split; pass the evaluation data with --data")
-    pool = avdigits_pool(profile, "test", sample_rate, encoder=encoder)
-    return EvalData(pool, f"AV-digits ({source}) test split")
+        raise SafeError("data.eval_manifests: the profile names no evaluation manifests; pass them with --data")
+    source = profile.data.source
+    name = f"AV-digits ({source}) test split" if source != "manifest" else _names(paths)
+    return _data(profile, paths, sample_rate, encoder, name)
 
 
-def _load_image(path: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def manifest_data(paths: Sequence[str], sample_rate: int, seed: int = 0, workers: int = 0) -> EvalData:
+def manifest_data(profile: Profile, paths: Sequence[str], sample_rate: int, encoder=None) -> EvalData:
     """Every record of the manifests (validated as a whole first: all problems reported at once)."""
-    records = [record for path in paths for record in read_manifest(path)]
-    skipped: list[dict] = []
+    return _data(profile, paths, sample_rate, encoder, _names(paths))
 
-    image_files = sorted({r.image for r in records if r.image})
-    images, image_index = [], {}
-    for path in image_files:
-        try:
-            images.append(_load_image(path))  # any size: the base's processor resizes it
-            image_index[path] = len(images) - 1
-        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            skipped.append({"file": path, "reason": f"cannot read image: {exc}"})
 
-    audio_files = sorted({r.audio for r in records if r.audio})
-    decoded, errors = load_audio_many(audio_files, sample_rate, workers=workers)
-    waves, clip_index = [], {}
-    for path, wave in zip(audio_files, decoded):
-        if wave is not None:
-            waves.append(wave)
-            clip_index[path] = len(waves) - 1
-    skipped += [{"file": error.path, "reason": error.reason} for error in errors]
-    bad_files = {entry["file"] for entry in skipped}
-
-    rng = np.random.default_rng([seed, 7])
-    examples: list[Example] = []
-    for record in records:
-        broken = [f for f in (record.image, record.audio) if f and f in bad_files]
-        if broken:
-            for entry in skipped:
-                if entry["file"] in broken:
-                    entry.setdefault("ids", []).append(record.id)
-            continue
-        example = Example(record.task, record.question, record.answer, record.answers,
-                          image_index.get(record.image) if record.image else None,
-                          clip_index.get(record.audio) if record.audio else None, {"id": record.id, **record.meta})
-        examples.append(example)
-        if record.kind in RETENTION_KINDS and example.clip is None and waves:
-            distractor = int(rng.integers(len(waves)))
-            examples.append(Example(record.task, record.question, record.answer, record.answers, example.image,
-                                    distractor, {**example.meta, "distractor": True}))
-    loaded = DigitImages(images, np.zeros(len(images), dtype=int), list(image_index))  # labels unused here
-    pool = ExamplePool(examples, loaded, waves)
-    names = ", ".join(Path(p).name for p in paths)
-    return EvalData(pool, f"manifest{'s' if len(paths) > 1 else ''} {names}: {len(records)} records", skipped)
+def _names(paths: Sequence[str]) -> str:
+    return f"manifest{'s' if len(paths) > 1 else ''} " + ", ".join(Path(p).name for p in paths)

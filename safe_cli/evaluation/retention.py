@@ -21,7 +21,7 @@ import torch
 from ..models.bypass import check_bypass
 from ..models.probe import probe_audio
 from ..progress import progress_bar
-from ..training.batches import ExamplePool
+from ..data.dataset import RecordPool
 from .stats import REGRESSION_RULE, compare, is_regression
 from .strategies import answer_at_every_budget, compare_strategies, strategy_tasks
 from .tasks import TaskResult
@@ -42,12 +42,12 @@ class BypassCheck:
 
 
 @torch.no_grad()
-def check_bypass_on_examples(model, batcher, pool: ExamplePool, budget: int, batch_size: int = 32,
+def check_bypass_on_examples(model, batcher, pool: RecordPool, budget: int, batch_size: int = 32,
                              max_examples: Optional[int] = None, seed: int = 0) -> BypassCheck:
     """Budget-0 rows of mixed batches against ``model.base`` on the same inputs, for real examples."""
     groups: dict[str, list] = {}
     for example in pool.examples:
-        if example.clip is None:
+        if example.audio is None:
             groups.setdefault(example.task, []).append(example)
     free = [e for chosen in groups.values() for e in chosen[:max_examples]]  # the cap is per task, as in evaluate
     if not free:  # e.g. a manifest of audio questions only: fall back to random probe inputs
@@ -63,8 +63,9 @@ def check_bypass_on_examples(model, batcher, pool: ExamplePool, budget: int, bat
             queries = pool.queries(chunk, with_answers=False)
             batch = batcher.for_generation(queries + queries)  # each question twice: without, then with audio
             # The copies hear the pool's own clips when it has any (else a noise clip).
-            clips = [pool.waves[(start * half + i) % len(pool.waves)] if pool.waves else noise
-                     for i in range(len(chunk))]
+            clips = [pool.media.audio(pool.distractors[(start * half + i) % len(pool.distractors)])
+                     if pool.distractors else None for i in range(len(chunk))]
+            clips = [noise if clip is None else clip for clip in clips]
             budgets = torch.tensor([0] * len(chunk) + [budget] * len(chunk), device=batch["input_ids"].device)
             reference = model.base(**batch).logits
             fused = model(**batch, token_budget=budgets, audio=[None] * len(chunk) + clips).logits
@@ -90,7 +91,7 @@ def task_rows(results: list[TaskResult], tolerance: float, significance: float, 
         rows.append({
             "task": result.task, "kind": result.kind, "with_audio": result.with_audio, "n": stat.n,
             "base_accuracy": stat.base_accuracy, "safe_accuracy": stat.safe_accuracy, "delta": stat.delta,
-            "ci95": list(stat.ci95), "p_value": stat.p_value,
+            "ci95": list(stat.ci95), "p_value": stat.p_value, "test": stat.test,
             "discordant": {"base_only": stat.base_only, "safe_only": stat.safe_only},
             "regressed": is_regression(stat.delta, stat.p_value, tolerance, significance),
         })
@@ -100,7 +101,7 @@ def task_rows(results: list[TaskResult], tolerance: float, significance: float, 
     return sorted(rows, key=lambda r: (order.get(r["kind"], 9), r["task"], r["with_audio"]))
 
 
-def build_report(model, batcher, pool: ExamplePool, *, budgets: list[int], cost_model, tolerance: float,
+def build_report(model, batcher, pool: RecordPool, *, budgets: list[int], cost_model, tolerance: float,
                  significance: float, bootstrap_samples: int, batch_size: int, max_examples: Optional[int],
                  seed: int = 0, context: Optional[dict[str, Any]] = None, policy=None, normalizer=None,
                  gate=None) -> dict[str, Any]:

@@ -17,6 +17,10 @@ The regression rule (the one ``eval-retention`` and its report state):
 
 A drop smaller than the tolerance is accepted however significant; a larger drop that could be
 chance (too few discordant pairs) is reported, with its interval, but not called a regression.
+
+Scores that are not 0/1 (token F1, chrF, BLEU, 1 - WER) are compared with the Wilcoxon
+signed-rank test on the paired differences (scipy; zero differences dropped, as Wilcoxon's
+original test does; none left: p = 1) instead of McNemar; each result names its test.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import stats
 
-REGRESSION_RULE = "regressed = delta < -tolerance and McNemar exact two-sided p < significance"
+REGRESSION_RULE = ("regressed = delta < -tolerance and p < significance (McNemar exact two-sided for 0/1 scores, "
+                   "Wilcoxon signed-rank two-sided for graded scores)")
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,9 @@ class PairedComparison:
     delta: float
     ci95: tuple[Optional[float], Optional[float]]
     p_value: float
-    base_only: int  # discordant: base right, SAFE wrong
-    safe_only: int  # discordant: SAFE right, base wrong
+    base_only: int  # discordant: base right (or better), SAFE wrong (or worse)
+    safe_only: int  # discordant: SAFE right (or better), base wrong (or worse)
+    test: str = "mcnemar-exact"
 
 
 def mcnemar_exact_p(base_correct: Sequence[bool], safe_correct: Sequence[bool]) -> float:
@@ -50,10 +56,22 @@ def mcnemar_exact_p(base_correct: Sequence[bool], safe_correct: Sequence[bool]) 
     return float(stats.binomtest(safe_only, base_only + safe_only, 0.5, alternative="two-sided").pvalue)
 
 
-def paired_bootstrap_ci(base_correct: Sequence[bool], safe_correct: Sequence[bool], samples: int = 2000,
+def wilcoxon_p(base_scores: Sequence[float], safe_scores: Sequence[float]) -> float:
+    base, safe = _paired(base_scores, safe_scores, binary=False)
+    differences = safe - base
+    if not np.any(differences != 0):
+        return 1.0
+    return float(stats.wilcoxon(differences, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def is_binary(*scores: Sequence[float]) -> bool:
+    return all(np.isin(np.asarray(s, dtype=np.float64), (0.0, 1.0)).all() for s in scores)
+
+
+def paired_bootstrap_ci(base_correct: Sequence[float], safe_correct: Sequence[float], samples: int = 2000,
                         seed: int = 0, confidence: float = 0.95) -> tuple[Optional[float], Optional[float]]:
     """Percentile interval of mean(safe - base) over resampled pairs; (None, None) below 2 pairs."""
-    base, safe = _paired(base_correct, safe_correct)
+    base, safe = _paired(base_correct, safe_correct, binary=False)
     differences = safe.astype(np.float64) - base.astype(np.float64)
     if differences.size < 2:
         return None, None
@@ -66,16 +84,20 @@ def paired_bootstrap_ci(base_correct: Sequence[bool], safe_correct: Sequence[boo
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def compare(base_correct: Sequence[bool], safe_correct: Sequence[bool], samples: int = 2000,
+def compare(base_correct: Sequence[float], safe_correct: Sequence[float], samples: int = 2000,
             seed: int = 0) -> PairedComparison:
-    base, safe = _paired(base_correct, safe_correct)
+    """Paired comparison of per-example scores: McNemar for 0/1 scores, Wilcoxon for graded ones."""
+    base, safe = _paired(base_correct, safe_correct, binary=False)
     n = int(base.size)
     base_accuracy = float(base.mean()) if n else float("nan")
     safe_accuracy = float(safe.mean()) if n else float("nan")
+    binary = is_binary(base, safe)
     return PairedComparison(
         n=n, base_accuracy=base_accuracy, safe_accuracy=safe_accuracy, delta=safe_accuracy - base_accuracy,
-        ci95=paired_bootstrap_ci(base, safe, samples, seed), p_value=mcnemar_exact_p(base, safe),
-        base_only=int(np.sum(base & ~safe)), safe_only=int(np.sum(~base & safe)),
+        ci95=paired_bootstrap_ci(base, safe, samples, seed),
+        p_value=mcnemar_exact_p(base, safe) if binary else wilcoxon_p(base, safe),
+        base_only=int(np.sum(base > safe)), safe_only=int(np.sum(safe > base)),
+        test="mcnemar-exact" if binary else "wilcoxon-signed-rank",
     )
 
 
@@ -83,8 +105,10 @@ def is_regression(delta: float, p_value: float, tolerance: float, significance: 
     return bool(delta < -tolerance and p_value < significance)
 
 
-def _paired(base_correct: Sequence[bool], safe_correct: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
-    base, safe = np.asarray(base_correct, dtype=bool), np.asarray(safe_correct, dtype=bool)
+def _paired(base_correct: Sequence[float], safe_correct: Sequence[float],
+            binary: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    dtype = bool if binary else np.float64
+    base, safe = np.asarray(base_correct, dtype=dtype), np.asarray(safe_correct, dtype=dtype)
     if base.shape != safe.shape or base.ndim != 1:
         raise ValueError(f"paired results must be two 1-D sequences of equal length, got {base.shape} and {safe.shape}")
     return base, safe

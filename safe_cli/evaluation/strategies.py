@@ -19,12 +19,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data.avdigits import Example, task_needs
-from ..data.scoring import is_correct
+from ..data.dataset import RecordPool
+from ..data.manifest import Record
 from ..progress import progress_bar
 from ..rl.cost import AudioCostModel
 from ..rl.state import PolicyInputs, pool_policy_inputs
-from ..training.batches import ExamplePool, generate_safe_answers
+from ..training.batches import generate_safe_answers
 from .tasks import TaskResult, group_key
 
 
@@ -32,10 +32,10 @@ from .tasks import TaskResult, group_key
 class BudgetAnswers:
     """Answers and correctness of every example at every budget, plus the policy's inputs."""
 
-    examples: list[Example]
+    examples: list[Record]
     budgets: list[int]  # the budget set, 0 first
     answers: dict[int, list[str]]
-    correct: dict[int, np.ndarray]  # budget -> (N,) bool
+    correct: dict[int, np.ndarray]  # budget -> (N,) score in [0, 1] (0/1 under exact match)
     inputs: PolicyInputs
     relative_cost: np.ndarray  # (N, len(budgets)): cost of each budget / cost of the largest; 0 without a clip
     groups: list[tuple[str, bool]] = field(default_factory=list)  # (task, has a clip) per example, in order
@@ -46,7 +46,7 @@ class BudgetAnswers:
 
     @property
     def needs_audio(self) -> np.ndarray:
-        return np.array([task_needs(e.task)[1] for e in self.examples])
+        return np.array([e.needs_audio for e in self.examples], dtype=bool)
 
     def oracle(self) -> np.ndarray:
         """The largest budget where the question needs audio, 0 elsewhere."""
@@ -56,11 +56,11 @@ class BudgetAnswers:
         return np.where(self.has_clip, budget, 0)
 
 
-def answer_at_every_budget(model, batcher, pool: ExamplePool, budgets: Sequence[int], cost_model: AudioCostModel,
+def answer_at_every_budget(model, batcher, pool: RecordPool, budgets: Sequence[int], cost_model: AudioCostModel,
                            batch_size: int = 32, max_examples: Optional[int] = None,
                            description: str = "answers at every budget") -> BudgetAnswers:
     budgets = sorted(set(int(b) for b in budgets) | {0})
-    grouped: dict[tuple[str, bool], list[Example]] = {}
+    grouped: dict[tuple[str, bool], list[Record]] = {}
     for example in pool.examples:
         grouped.setdefault(group_key(example), []).append(example)
     if max_examples:
@@ -80,7 +80,7 @@ def answer_at_every_budget(model, batcher, pool: ExamplePool, budgets: Sequence[
                                     if budget and has_clip else base)
             advance()
     state = PolicyInputs.concat(inputs)
-    correct = {b: np.array([is_correct(a, e.answers) for a, e in zip(answers[b], examples)]) for b in budgets}
+    correct = {b: np.asarray(pool.scores(answers[b], examples), dtype=np.float64) for b in budgets}
     relative = np.zeros((len(examples), len(budgets)))
     for row in range(len(examples)):
         if bool(state.has_clip[row]):
@@ -117,8 +117,8 @@ def strategy_tasks(answers: BudgetAnswers, chosen: np.ndarray) -> list[TaskResul
     for row, key in enumerate(answers.groups):
         result = results.setdefault(key, TaskResult(*key))
         budget = int(chosen[row])
-        result.base_correct.append(bool(answers.correct[0][row]))
-        result.safe_correct.append(bool(answers.correct[budget][row]))
+        result.base_correct.append(float(answers.correct[0][row]))
+        result.safe_correct.append(float(answers.correct[budget][row]))
         result.base_answers.append(answers.answers[0][row])
         result.safe_answers.append(answers.answers[budget][row])
         result.safe_budgets.append(budget)

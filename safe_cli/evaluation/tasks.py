@@ -1,9 +1,11 @@
-"""Per-task accuracy of the frozen base and of SAFE on the same test examples, paired.
+"""Per-task score of the frozen base and of SAFE on the same test examples, paired.
 
 Every example is answered twice: by the base, which never hears audio, and by SAFE, with the
 example's clip at a given token budget (rows without a clip get budget 0, the bypass). For VL
 and text questions the clip, when present, is a *distractor*: SAFE must answer as the base does.
-Per-example correctness is kept, not only the means, so paired statistics can be computed.
+Per-example scores are kept, not only the means, so paired statistics can be computed. A
+score is in [0, 1] under the task's metric (``evaluation.metrics``): 0/1 for exact match, a
+fraction for token F1, chrF, BLEU or 1 - WER. ``base_correct`` / ``safe_correct`` hold them.
 """
 
 from __future__ import annotations
@@ -13,18 +15,18 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..data.avdigits import Example
-from ..data.scoring import is_correct
+from ..data.dataset import RecordPool
+from ..data.manifest import Record
 from ..progress import progress_bar
-from ..training.batches import ExamplePool, generate_safe_answers
+from ..training.batches import generate_safe_answers
 
 
 @dataclass
 class TaskResult:
     task: str
     with_audio: bool
-    base_correct: list[bool] = field(default_factory=list)
-    safe_correct: list[bool] = field(default_factory=list)
+    base_correct: list[float] = field(default_factory=list)  # per-example scores (0/1 for exact match)
+    safe_correct: list[float] = field(default_factory=list)
     base_answers: list[str] = field(default_factory=list)
     safe_answers: list[str] = field(default_factory=list)
     safe_budgets: list[int] = field(default_factory=list)  # SAFE's token budget per example, when it varies
@@ -54,14 +56,14 @@ class TaskResult:
         return {**self.summary(), **asdict(self)}
 
 
-def group_key(example: Example) -> tuple[str, bool]:
-    return example.task, example.clip is not None
+def group_key(example: Record) -> tuple[str, bool]:
+    return example.task, example.audio is not None
 
 
-def evaluate(model, batcher, pool: ExamplePool, budget: int, batch_size: int = 64,
+def evaluate(model, batcher, pool: RecordPool, budget: int, batch_size: int = 64,
              max_examples: Optional[int] = None, description: str = "evaluate") -> list[TaskResult]:
     """Base and SAFE answers for every example of ``pool``, grouped by (task, has a clip)."""
-    groups: dict[tuple[str, bool], list[Example]] = {}
+    groups: dict[tuple[str, bool], list[Record]] = {}
     for example in pool.examples:
         groups.setdefault(group_key(example), []).append(example)
     if max_examples:
@@ -73,17 +75,18 @@ def evaluate(model, batcher, pool: ExamplePool, budget: int, batch_size: int = 6
         for key, chunk in batches:
             base = generate_safe_answers(model, batcher, pool, chunk, budget=0)
             safe = generate_safe_answers(model, batcher, pool, chunk, budget=budget) if key[1] else base
-            results[key].base_correct += [is_correct(a, e.answers) for a, e in zip(base, chunk)]
-            results[key].safe_correct += [is_correct(a, e.answers) for a, e in zip(safe, chunk)]
+            results[key].base_correct += pool.scores(base, chunk)
+            results[key].safe_correct += pool.scores(safe, chunk)
             results[key].base_answers += base
             results[key].safe_answers += safe
             advance()
     return list(results.values())
 
 
-def audio_accuracy_by_budget(model, batcher, pool: ExamplePool, budgets: Sequence[int], task: str = "audio/digit",
+def audio_accuracy_by_budget(model, batcher, pool: RecordPool, budgets: Sequence[int], task: Optional[str] = None,
                              batch_size: int = 64, max_examples: Optional[int] = None) -> dict[int, float]:
-    """SAFE's accuracy on one audio task at each positive budget (nested tokens: all should work)."""
+    """SAFE's score on one audio task at each positive budget (nested tokens: all should work)."""
+    task = task or audio_task(pool)
     chosen = [e for e in pool.examples if e.task == task][:max_examples]
     out = {}
     for budget in budgets:
@@ -91,6 +94,12 @@ def audio_accuracy_by_budget(model, batcher, pool: ExamplePool, budgets: Sequenc
         for i in range(0, len(chosen), batch_size):
             chunk = chosen[i: i + batch_size]
             answers = generate_safe_answers(model, batcher, pool, chunk, budget=budget)
-            correct += [is_correct(a, e.answers) for a, e in zip(answers, chunk)]
+            correct += pool.scores(answers, chunk)
         out[int(budget)] = float(np.mean(correct)) if correct else float("nan")
     return out
+
+
+def audio_task(pool: RecordPool) -> Optional[str]:
+    """The task the by-budget figures follow: audio/digit on AV-digits, else the first audio task."""
+    tasks = [e.task for e in pool.examples if e.kind == "audio"]
+    return "audio/digit" if "audio/digit" in tasks else (tasks[0] if tasks else None)

@@ -10,7 +10,7 @@ cache, never a silent fallback (results would change speed, and a user would not
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -21,29 +21,24 @@ from .encode import encoder_fingerprint
 KEY = "data.audio_features"
 
 
-def cached_clip_features(paths: Optional[Sequence[str]], needed: Iterable[int], cache_dir: str,
-                         encoder) -> dict[int, torch.Tensor]:
-    """``{clip index: (T, D) features}`` for every needed clip, read from the cache."""
+def cached_clip_features(paths: Sequence[str], cache_dir: str, encoder) -> dict[str, torch.Tensor]:
+    """``{clip path: (T, D) features}`` for every clip in ``paths``, read from the cache."""
     directory = Path(cache_dir).expanduser()
     if not (directory / "index.json").is_file() and not any(directory.glob("*.safetensors")):
         raise SafeError(f"{KEY}: {directory} is not a feature cache (no index.json or shards); "
                         "create it with `safe encode-audio --input AUDIO_DIR --output CACHE --profile P`")
-    needed = sorted(set(needed))
-    if paths is None:
-        raise SafeError(f"{KEY}: this data source's clips have no files to look up (the synthetic source "
-                        "makes its clips in memory); use source fsdd-mnist or a manifest, or unset it")
     cache = FeatureCache(directory)
     fingerprint = encoder_fingerprint(encoder)
     features, missing = {}, []
-    for index in needed:
-        tensor = cache.lookup(content_hash(paths[index]), fingerprint)
+    for path in sorted(set(paths)):
+        tensor = cache.lookup(content_hash(path), fingerprint)
         if tensor is None:
-            missing.append(paths[index])
+            missing.append(path)
         else:
-            features[index] = tensor
+            features[path] = tensor
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise SafeError(f"{KEY}: {len(missing)} of {len(needed)} clips are not in {directory} for this encoder "
+        raise SafeError(f"{KEY}: {len(missing)} of {len(set(paths))} clips are not in {directory} for this encoder "
                         f"({fingerprint[:60]}...): {shown}; run `safe encode-audio --input <their folder> "
                         f"--output {directory} --profile <this profile>` first")
     return features

@@ -31,45 +31,36 @@ from ..errors import SafeError
 from ..models.audio_encoders import AudioEncoder, WhisperEncoder, load_audio_encoder
 from ..models.base import BaseVLModel, load_base, load_base_from_directory
 from . import pretrain
-from .cache import cached_directory
+from ..cache import cached_directory
 
-SYNTHETIC_SIZES = {"train": (4000, 2000), "test": (1000, 500)}  # (images, clips) per split
 BASE_EVAL_TASKS = avdigits.TASKS
-
-
-@dataclass
-class Sources:
-    images: DigitImages
-    clips: DigitClips
-
-
-@lru_cache(maxsize=8)
-def _sources(source: str, root: Optional[str], split: str, rule: str, held_out: tuple[str, ...], seed: int) -> Sources:
-    if source == "synthetic":
-        n_images, n_clips = SYNTHETIC_SIZES[split]
-        return Sources(avdigits.synthetic_images(n_images, seed, split), avdigits.synthetic_clips(n_clips, seed, split))
-    if source == "fsdd-mnist":
-        path = avdigits.check_data_root(root)
-        return Sources(avdigits.load_mnist(path, split), avdigits.load_fsdd(path, split, rule, held_out))
-    raise SafeError(
-        f"data.source: the built-in foundation models are pretrained on AV-digits (synthetic or fsdd-mnist), "
-        f"not on {source!r}; point base/audio_encoder at real checkpoints instead"
-    )
+Sources = avdigits.Sources
 
 
 def load_sources(profile: Profile, split: str) -> Sources:
+    """The AV-digits material the built-in tiny models pretrain on (``data.foundation_source``)."""
     data = profile.data
-    return _sources(data.source, data.root, split, data.split, tuple(data.held_out_speakers), profile.seed)
+    return avdigits.load_source(foundation_source(profile), data.root, split, data.split,
+                                tuple(data.held_out_speakers), profile.seed)
+
+
+def foundation_source(profile: Profile) -> str:
+    """data.foundation_source, else data.source when it is an AV-digits source, else synthetic."""
+    data = profile.data
+    if data.foundation_source:
+        return data.foundation_source
+    return data.source if data.source in ("synthetic", "fsdd-mnist") else "synthetic"
 
 
 def _data_spec(profile: Profile) -> dict:
     data = profile.data
-    root = avdigits.check_data_root(data.root) if data.source == "fsdd-mnist" else None
+    source = foundation_source(profile)
+    root = avdigits.check_data_root(data.root) if source == "fsdd-mnist" else None
     return {
-        "source": data.source,
-        "split": data.split if data.source == "fsdd-mnist" else None,
-        "held_out_speakers": data.held_out_speakers if data.source == "fsdd-mnist" and data.split == "speakers" else None,
-        "content": _fingerprint(data.source, str(root) if root else None),
+        "source": source,
+        "split": data.split if source == "fsdd-mnist" else None,
+        "held_out_speakers": data.held_out_speakers if source == "fsdd-mnist" and data.split == "speakers" else None,
+        "content": _fingerprint(source, str(root) if root else None),
         "num_train": data.num_train,
     }
 

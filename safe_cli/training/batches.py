@@ -1,4 +1,4 @@
-"""AV-digits examples -> SAFEModel inputs: the base's prompt tokens, the clips, the budgets.
+"""Records -> SAFEModel inputs: the base's prompt tokens, the clips, the budgets.
 
 The prompt is the base's own (``PromptBatcher``): audio reaches the LLM only through the
 fusion adapters' cross-attention, never as text, so a retention example with a distractor clip
@@ -8,76 +8,17 @@ has exactly the base's input tokens, and the teacher (the base without audio) an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ..config.schema import Profile
-from ..data import avdigits
-from ..data.avdigits import DigitImages, Example
-from ..data.batches import PromptBatcher, Query, generate_answers
-from ..features.lookup import cached_clip_features, stack_features
-from ..foundation.prepare import load_sources
-from ..foundation.pretrain import clips_at, queries
+from ..data.batches import PromptBatcher, generate_answers
+from ..data.dataset import RecordPool, Records
+from ..data.manifest import Record
 
 
-@dataclass
-class ExamplePool:
-    """One split's examples and the raw material they index (clips at the encoder's rate)."""
-
-    examples: list[Example]
-    images: DigitImages
-    waves: list[np.ndarray]
-    features: Optional[dict[int, torch.Tensor]] = None  # cached encoder features by clip index
-
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def queries(self, chosen: Sequence[Example], with_answers: bool) -> list[Query]:
-        return queries(chosen, self.images, with_answers=with_answers)
-
-    def audio(self, chosen: Sequence[Example]) -> list[Optional[np.ndarray]]:
-        return [None if e.clip is None else self.waves[e.clip] for e in chosen]
-
-    def audio_inputs(self, chosen: Sequence[Example], device: Optional[torch.device] = None) -> dict:
-        """SAFEModel's audio arguments: cached features when the pool has them, else the waveforms."""
-        if self.features is None:
-            return {"audio": self.audio(chosen)}
-        inputs = stack_features([None if e.clip is None else self.features[e.clip] for e in chosen])
-        return {key: value.to(device) for key, value in inputs.items()} if device is not None else inputs
-
-
-def require_avdigits(profile: Profile, stage: str) -> None:
-    """Training reads AV-digits (synthetic or FSDD + MNIST); manifests are evaluation-only so far."""
-    from ..errors import SafeError
-
-    if profile.data.source not in ("synthetic", "fsdd-mnist"):
-        raise SafeError(f"data.source: Stage {stage} trains on AV-digits (synthetic or fsdd-mnist) for now; "
-                        f"training from a {profile.data.source!r} source is not built yet")
-
-
-def avdigits_pool(profile: Profile, split: str, sample_rate: int, retention: bool = True,
-                  encoder=None) -> ExamplePool:
-    """The profile's AV-digits split: every task, plus VL/text questions with a distractor clip.
-
-    With ``data.audio_features`` set (and the encoder given) the used clips' features come from
-    that cache, so training and evaluation never run the encoder.
-    """
-    sources = load_sources(profile, split)
-    per_task = profile.data.num_eval if split == "test" else profile.data.num_train
-    examples = avdigits.make_examples(sources.images, sources.clips, per_task, profile.seed, split,
-                                      retention=retention)
-    features = None
-    if profile.data.audio_features and encoder is not None:
-        used = {e.clip for e in examples if e.clip is not None}
-        features = cached_clip_features(sources.clips.paths, used, profile.data.audio_features, encoder)
-    return ExamplePool(examples, sources.images, clips_at(sources.clips, sample_rate), features)
-
-
-def training_batch(batcher: PromptBatcher, pool: ExamplePool, chosen: Sequence[Example],
+def training_batch(batcher: PromptBatcher, pool: RecordPool, chosen: Sequence[Record],
                    budgets: Sequence[int]) -> dict:
     """Inputs with ``labels`` on the answer tokens, the clips and a budget per row."""
     batch = batcher.for_training(pool.queries(chosen, with_answers=True))
@@ -86,15 +27,39 @@ def training_batch(batcher: PromptBatcher, pool: ExamplePool, chosen: Sequence[E
     return batch
 
 
-def draw_budgets(rng: np.random.Generator, positive_budgets: Sequence[int], chosen: Sequence[Example]) -> list[int]:
+def draw_budgets(rng: np.random.Generator, positive_budgets: Sequence[int], chosen: Sequence[Record]) -> list[int]:
     """A random positive budget for each row with a clip (nested tokens: every k must work); 0 otherwise."""
-    return [int(rng.choice(positive_budgets)) if e.clip is not None else 0 for e in chosen]
+    return [int(rng.choice(positive_budgets)) if r.audio is not None else 0 for r in chosen]
 
 
-def generate_safe_answers(model, batcher: PromptBatcher, pool: ExamplePool, chosen: Sequence[Example],
-                          budget: int, max_new_tokens: int = 4) -> list[str]:
-    """Greedy answers of the SAFE model, each row with ``budget`` audio tokens if it has a clip."""
-    budgets = torch.as_tensor([budget if e.clip is not None else 0 for e in chosen], device=batcher.device)
+def sampling_weights(records: Records, task_weights: dict[str, float]) -> Optional[np.ndarray]:
+    """Per-record draw probabilities giving each task its share (``data.task_weights``); None: uniform."""
+    if not task_weights or not len(records):
+        return None
+    tasks = records.tasks
+    names, counts = np.unique(tasks.astype(str), return_counts=True)
+    share = {name: float(task_weights.get(name, task_weights.get(name.split("/", 1)[0], 1.0))) for name in names}
+    per_task = {name: share[name] / count for name, count in zip(names, counts)}
+    weights = np.asarray([per_task[str(t)] for t in tasks], dtype=np.float64)
+    if weights.sum() <= 0:
+        return None
+    return weights / weights.sum()
+
+
+def draw_rows(rng: np.random.Generator, records: Records, size: int,
+              weights: Optional[np.ndarray] = None) -> list[Record]:
+    """``size`` records drawn with replacement (uniformly, or by ``weights``)."""
+    rows = rng.integers(len(records), size=size) if weights is None else rng.choice(len(records), size=size, p=weights)
+    return [records[int(i)] for i in rows]
+
+
+def generate_safe_answers(model, batcher: PromptBatcher, pool: RecordPool, chosen: Sequence[Record],
+                          budget: Union[int, Sequence[int]], max_new_tokens: Optional[int] = None) -> list[str]:
+    """Greedy answers of the SAFE model, each row with ``budget`` audio tokens (one for all rows, or
+    one per row) if it has a clip."""
+    per_row = [budget] * len(chosen) if isinstance(budget, int) else [int(b) for b in budget]
+    budgets = torch.as_tensor([b if r.audio is not None else 0 for b, r in zip(per_row, chosen)],
+                              device=batcher.device)
     return generate_answers(model, batcher, pool.queries(chosen, with_answers=False), max_new_tokens,
                             token_budget=budgets, **pool.audio_inputs(chosen, batcher.device))
 
@@ -109,4 +74,3 @@ def row_exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     target = labels[:, 1:]
     scored = target != -100
     return ((predicted == target) | ~scored).all(1) & scored.any(1)
-

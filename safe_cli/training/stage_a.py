@@ -4,18 +4,23 @@ The recipe, top to bottom:
 
 1. Load the frozen base and audio encoder (the built-in tiny ones come pretrained from the
    cache), build projector + fusion for the run's seed, fingerprint the base.
-2. Alignment examples: the audio and AV questions of the training split. Every row gets a
-   random positive token budget, so the first k projector tokens are useful for every k.
-3. Retention examples: VL and text questions with a distractor clip. Each step (every
-   ``retention_every`` steps) adds the variant's retention terms on one such batch: KL to the
-   base without audio, the Fisher penalty; null-space projection constrains the update itself.
+2. Records: the profile's training manifests (AV-digits is exported to manifests too), checked
+   whole before anything trains. Alignment rows are the audio and AV records; every row gets
+   a random positive token budget, so the first k projector tokens are useful for every k.
+3. Retention rows: the VL and text records, each with a distractor clip (its own, or one drawn
+   from the training audio per step). Each step (every ``retention_every`` steps) adds the
+   variant's retention terms on one such batch: KL to the base without audio on the answer
+   positions, the Fisher penalty; null-space projection constrains the update itself.
 4. AdamW with separate learning rates for projector and adapters, warm-up then cosine decay,
    gradient clipping; a non-finite loss or gradient skips the step (counted, never applied).
 5. A checkpoint every ``checkpoint_every`` steps and at the end. Each step's batch is drawn
-   from a generator seeded by (seed, step), so "data position" is the step number and a resumed
-   run sees exactly the batches the uninterrupted one would have.
-6. At the end: base vs SAFE accuracy per task on the test split, with and without a distractor
-   clip, and the base fingerprint checked again.
+   from a generator seeded by (seed, step) and prepared ahead in DataLoader workers
+   (step_data.py), so "data position" is the step number and a resumed run sees exactly the
+   batches the uninterrupted one would have. A record whose file fails to decode is skipped
+   and counted (``bad_records`` in metrics.jsonl); past ``data.max_bad_fraction`` the run
+   stops with a checkpoint.
+6. At the end: base vs SAFE score per task on the evaluation records, with and without a
+   distractor clip, and the base fingerprint checked again.
 
 Under torchrun every rank draws the step's global batch (``batch_size`` x world) and trains on
 its own slice; losses are normalised by the global answer-token count and gradients averaged
@@ -29,7 +34,7 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -41,6 +46,8 @@ from ..atomic import write_json
 from ..config.schema import Profile
 from ..config.variants import resolve_variant
 from ..data.batches import PromptBatcher
+from ..data.dataset import with_distractors
+from ..data.sources import evaluation_records, make_pool, records_of, training_and_validation
 from ..errors import RunFailed, SafeError
 from ..evaluation.tasks import TaskResult, audio_accuracy_by_budget, evaluate
 from ..foundation.prepare import load_prepared_models
@@ -48,8 +55,8 @@ from ..models.builder import apply_precision, build_trainable, resolve_device
 from ..models.safe_model import SAFEModel
 from ..progress import progress_bar
 from . import run_dir as layout
-from .batches import (ExamplePool, avdigits_pool, draw_budgets, require_avdigits, row_exact_match,
-                      training_batch)
+from .batches import row_exact_match, sampling_weights, training_batch
+from .step_data import StepBatches, StepPlan, drop, step_loader, to_device
 from .checkpoint import check_fingerprint, latest_checkpoint, load_weights_into, save_checkpoint
 from .distributed import Distributed, from_environment, rank_device
 from .lifecycle import StopSignals, open_stage_dir, peak_memory_mb, prepare_stage_dir, save_weights
@@ -133,11 +140,18 @@ class StageATrainer:
 
     def build(self) -> None:
         profile = self.profile
-        require_avdigits(profile, "A")
+        # The data first: a broken manifest is reported before any model is loaded or built.
+        train_records, _ = training_and_validation(profile)
+        self.alignment_records = train_records.of_kinds(ALIGNMENT_KINDS)
+        self.retention_records = train_records.of_kinds(RETENTION_KINDS)
+        self.train_size = len(train_records)
+        check_training_records(train_records, self.alignment_records, self.retention_records, self.variant,
+                               self.variant_name)
+        test_records = records_of(profile, "test")
         base, encoder = load_prepared_models(profile, self.device)
         projector, fusion = build_trainable(profile, base, encoder.feature_dim, self.seed)
         self.model = apply_precision(SAFEModel(base, projector, fusion, encoder).to(self.device), profile)
-        self.batcher = PromptBatcher(base)
+        self.batcher = PromptBatcher(base, profile.evaluation.max_new_tokens)
         self.base_fingerprint = self.model.base_fingerprint()
         self.positive_budgets = [b for b in profile.policy.token_budgets if b > 0]
         self.max_budget = max(self.positive_budgets)
@@ -146,11 +160,12 @@ class StageATrainer:
                             f"({profile.projector.num_tokens})")
 
         rate = encoder.sample_rate
-        train = avdigits_pool(profile, "train", rate, encoder=encoder)
-        # Two views of one split: they share its images, clips and cached features.
-        self.alignment = replace(train, examples=[e for e in train.examples if e.task.split("/")[0] in ALIGNMENT_KINDS])
-        self.retention_pool = replace(train, examples=[e for e in train.examples if e.is_retention])
-        self.test_pool = avdigits_pool(profile, "test", rate, encoder=encoder)
+        # Two views of one split: they share its media cache, cached features and distractor clips.
+        train = make_pool(profile, train_records, rate, encoder=encoder)
+        self.alignment = train.view(self.alignment_records)
+        self.retention_pool = train.view(self.retention_records)
+        self.test_pool = make_pool(profile, evaluation_records(test_records, profile.seed, train.distractors), rate,
+                                   encoder=encoder)
 
         trainable = dict(self.model.trainable_named_parameters())
         self.trainable = trainable
@@ -227,23 +242,23 @@ class StageATrainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _pick(self, pool: ExamplePool, rng: np.random.Generator):
-        """The step's global batch (batch_size x world, the same on every rank); this rank's rows."""
-        total = self.cfg.batch_size * self.dist.world
-        chosen = [pool.examples[i] for i in rng.integers(len(pool), size=total)]
-        budgets = draw_budgets(rng, self.positive_budgets, chosen)
-        rows = self.dist.rows(total)
-        return chosen[rows], budgets[rows]
+    def step_batches(self) -> StepBatches:
+        cfg, weights = self.cfg, self.profile.data.task_weights
+        plan = StepPlan(self.seed, cfg.batch_size, self.dist.world, self.dist.rank, cfg.grad_accum,
+                        cfg.retention_every, self.uses_retention_batches, tuple(self.positive_budgets))
+        return StepBatches(self.batcher, self.alignment, self.retention_pool if len(self.retention_pool) else None,
+                           plan, sampling_weights(self.alignment_records, weights),
+                           sampling_weights(self.retention_records, weights))
 
-    def _retention_loss(self, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
-        chosen, budgets = self._pick(self.retention_pool, rng)
-        batch = training_batch(self.batcher, self.retention_pool, chosen, budgets)
+    def _retention_loss(self, batch: dict) -> tuple[torch.Tensor, float]:
+        batch = to_device(batch, self.device)
+        rows = batch.pop("rows")
         labels = batch.pop("labels")
         audio = {key: batch.pop(key) for key in AUDIO_INPUTS if key in batch}
         budget = batch.pop("token_budget")
         with torch.no_grad():
             teacher = self.model.base(**batch).logits  # the base itself: same tokens, no audio
-        collect = (self.null_space.collecting(len(chosen), batch["attention_mask"]) if self.null_space is not None
+        collect = (self.null_space.collecting(rows, batch["attention_mask"]) if self.null_space is not None
                    else contextlib.nullcontext())
         with collect:  # the null space learns its protected inputs from the student's own forward
             student = self.model(**batch, token_budget=budget, **audio).logits
@@ -259,7 +274,8 @@ class StageATrainer:
 
         def example_loss(index: int):
             def loss():
-                chosen = [self.retention_pool.examples[index]]
+                chosen = with_distractors([self.retention_pool.examples[index]], self.retention_pool.distractors,
+                                          np.random.default_rng([self.seed, 2**31 - 1, index]))
                 batch = training_batch(self.batcher, self.retention_pool, chosen, [self.max_budget])
                 return self.model(**batch).loss
 
@@ -267,16 +283,16 @@ class StageATrainer:
 
         return self.fisher.estimate(example_loss(int(i)) for i in picks)
 
-    def _step(self, step: int) -> dict[str, float]:
-        rng = np.random.default_rng([self.seed, step])
+    def _step(self, step: int, inputs: dict) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         finite = True
         audio_losses, accuracy = [], []
         # One backward per micro-batch: its graph (the base's activations after the first fused
         # layer) is freed before the next forward, so grad_accum saves memory.
-        for _ in range(self.cfg.grad_accum):
-            chosen, budgets = self._pick(self.alignment, rng)
-            batch = training_batch(self.batcher, self.alignment, chosen, budgets)
+        for micro_batch in inputs["micro"]:
+            if micro_batch is None:  # every row of it failed to decode (counted by the caller)
+                continue
+            batch = drop(to_device(micro_batch, self.device), ("rows",))
             labels = batch.pop("labels")
             logits = self.model(**batch).logits
             micro = answer_token_loss(logits, labels, self.dist) / self.cfg.grad_accum
@@ -288,10 +304,11 @@ class StageATrainer:
                 finite = False
             del logits, micro
         total = sum(audio_losses)
-        record = {"audio_loss": self.dist.mean(total), "audio_acc": self.dist.mean(float(np.mean(accuracy)))}
+        record = {"audio_loss": self.dist.mean(total),
+                  "audio_acc": self.dist.mean(float(np.mean(accuracy)) if accuracy else 0.0)}
         extra: Optional[torch.Tensor] = None
-        if self.uses_retention_batches and step % self.cfg.retention_every == 0:
-            kl, kl_value = self._retention_loss(rng)
+        if inputs["retention"] is not None:
+            kl, kl_value = self._retention_loss(inputs["retention"])
             record["kl"] = kl_value
             if self.kl_weight > 0:
                 extra = self.kl_weight * kl
@@ -358,14 +375,18 @@ class StageATrainer:
         steps_timed = 0
         bar = progress_bar("stage A", self.cfg.steps, completed=start) if main else contextlib.nullcontext(
             lambda **fields: None)
+        loader = step_loader(self.step_batches(), start + 1, self.cfg.steps, self.profile.data.loader_workers)
+        bad_records: dict[str, str] = {}
         with StopSignals() as interrupt, bar as advance:
-            for step in range(start + 1, self.cfg.steps + 1):
-                began = time.perf_counter()
-                record = self._step(step)
-                elapsed = time.perf_counter() - began
+            began = time.perf_counter()
+            for step, inputs in zip(range(start + 1, self.cfg.steps + 1), loader):
+                record = self._step(step, inputs)
+                elapsed = time.perf_counter() - began  # includes waiting for the data, if it ever lags
                 train_seconds += elapsed
                 steps_timed += 1
                 skipped += int(record["skipped"])
+                bad_records.update(inputs["bad"])
+                record["bad_records"] = float(len(bad_records))
                 window.append(record)
                 speed = examples_per_step * steps_timed / max(train_seconds, 1e-9)
                 mean = {key: float(np.mean([r[key] for r in window if key in r]))
@@ -374,6 +395,7 @@ class StageATrainer:
                 if main and (step % self.cfg.log_every == 0 or step == self.cfg.steps):
                     layout.append_metrics(metrics_path, {
                         "step": step, **mean, "skipped_steps": skipped, "examples_per_second": speed,
+                        "bad_records": len(bad_records),
                         "lr_projector": self.optimizer.param_groups[0]["lr"],
                         "lr_adapter": self.optimizer.param_groups[1]["lr"],
                         "gates": {str(k): v for k, v in self.model.fusion.gates().items()},
@@ -385,6 +407,13 @@ class StageATrainer:
                     self.save(step, skipped)
                     raise RunFailed(f"stopped by {interrupt.received or 'a signal to another rank'} after step "
                                     f"{step}; checkpoint saved in {directory}; continue with --resume")
+                if self.dist.any(len(bad_records) > self.profile.data.max_bad_fraction * self.train_size):
+                    self.save(step, skipped)
+                    shown = "; ".join(f"{rid}: {why}" for rid, why in list(bad_records.items())[:5])
+                    raise RunFailed(f"{len(bad_records)} of {self.train_size} training records failed to decode, "
+                                    f"more than data.max_bad_fraction ({self.profile.data.max_bad_fraction:g}); "
+                                    f"checkpoint saved in {directory} after step {step}; first: {shown}")
+                began = time.perf_counter()
         if not main:  # rank 0 writes the weights and evaluates (no barrier: it may take longer than a timeout)
             return StageAResult(directory, self.variant_name, self.seed, self.cfg.steps, resumed_from, skipped,
                                 train_seconds, examples_per_step * steps_timed / max(train_seconds, 1e-9),
@@ -414,6 +443,19 @@ class StageATrainer:
             raise RunFailed(f"the base's fingerprint changed during training ({self.base_fingerprint} -> "
                             f"{self.model.base_fingerprint()}): a frozen weight was modified")
         return result
+
+
+def check_training_records(records, alignment, retention, variant, variant_name: str) -> None:
+    """Refuse a training set Stage A cannot learn from, before any model is built."""
+    if not len(alignment):
+        raise SafeError(f"data.train_manifests: no audio or av records among the {len(records)} training records "
+                        f"(kinds: {records.counts()}); Stage A learns from questions that need the audio")
+    needs_retention = variant.retention_loss_weight * variant.distillation_weight > 0 or variant.enable_null_space \
+        or variant.retention_loss_weight * variant.fisher_weight > 0
+    if needs_retention and not len(retention):
+        raise SafeError(f"data.train_manifests: variant {variant_name!r} needs retention data (vl or text records, "
+                        f"which get a distractor clip) and the training records have none (kinds: {records.counts()}); "
+                        "add VL/text records or use --variant no_retention")
 
 
 def train_stage_a(profile: Profile, **kwargs: Any) -> StageAResult:

@@ -45,8 +45,9 @@ import torch.nn.functional as F
 
 from ..atomic import write_json
 from ..config.schema import Profile
-from ..data.avdigits import task_needs
 from ..data.batches import PromptBatcher
+from ..data.dataset import with_distractors
+from ..data.sources import evaluation_records, make_pool, records_of, training_and_validation
 from ..errors import RunFailed, SafeError
 from ..evaluation.runs import POLICY_WEIGHTS, load_trained_model, locate
 from ..evaluation.strategies import answer_at_every_budget, compare_strategies, strategy_tasks
@@ -57,7 +58,7 @@ from ..rl.cost import AudioCostModel
 from ..rl.policy import AudioPolicyNetwork
 from ..rl.state import PolicyInputs, StateNormalizer, pool_policy_inputs, state_dim
 from . import run_dir as layout
-from .batches import avdigits_pool, require_avdigits, row_exact_match, training_batch
+from .batches import generate_safe_answers, row_exact_match, training_batch
 from .checkpoint import check_fingerprint, latest_checkpoint, save_checkpoint
 from .distributed import from_environment, rank_device
 from .lifecycle import StopSignals, open_stage_dir, peak_memory_mb, prepare_stage_dir, save_weights
@@ -165,23 +166,26 @@ class StageBTrainer:
 
     def build(self) -> None:
         profile = self.profile
-        require_avdigits(profile, "B")
+        train_records, _ = training_and_validation(profile)
+        test_records = records_of(profile, "test")
+        needs_audio, retention = train_records.of_kinds(("audio", "av")), train_records.of_kinds(("vl", "text"))
+        if not len(needs_audio) or not len(retention):
+            raise SafeError(f"data.train_manifests: Stage B needs questions that need audio (audio/av records) and "
+                            f"VL/text questions to give a distractor clip; the training records have "
+                            f"{train_records.counts()}")
         trained = locate(self.stage_a_dir)
         self.model = load_trained_model(trained, profile, self.device)
-        self.batcher = PromptBatcher(self.model.base)
+        self.batcher = PromptBatcher(self.model.base, profile.evaluation.max_new_tokens)
         self.base_fingerprint = self.model.base_fingerprint()
         self.budgets = list(profile.policy.token_budgets)
         self.max_budget = max(self.budgets)
         self.cost_model = AudioCostModel.for_model(self.model, self.max_budget)
         self.rate = self.model.audio_encoder.sample_rate
 
-        self.train_pool = avdigits_pool(profile, "train", self.rate, encoder=self.model.audio_encoder)
-        self.needs_audio = [e for e in self.train_pool.examples if e.clip is not None and task_needs(e.task)[1]]
-        self.distractors = [e for e in self.train_pool.examples if e.is_retention]
-        if not self.needs_audio or not self.distractors:
-            raise SafeError("data: Stage B needs questions that need audio and VL/text questions with a distractor "
-                            "clip in the training split")
-        self.test_pool = avdigits_pool(profile, "test", self.rate, encoder=self.model.audio_encoder)
+        self.train_pool = make_pool(profile, train_records, self.rate, encoder=self.model.audio_encoder)
+        self.needs_audio, self.distractors = needs_audio, retention
+        self.test_pool = make_pool(profile, evaluation_records(test_records, profile.seed, self.train_pool.distractors),
+                                   self.rate, encoder=self.model.audio_encoder)
 
         # The policy is tiny: it lives on the CPU, where the states are gathered.
         self.state_dim = state_dim(self.model.base.hidden_size)
@@ -207,23 +211,37 @@ class StageBTrainer:
 
     # ------------------------------------------------------------------ references
 
-    def _draw(self, rng: np.random.Generator, size: int):
+    def _draw(self, rng: np.random.Generator, size: int, distractor_rng: np.random.Generator):
+        """``size`` rows, ``audio_fraction`` of them needing audio, the rest VL/text with a clip;
+        rows whose files fail to decode are left out (the same on every rank)."""
         n_audio = min(size - 1, max(1, round(size * self.cfg.audio_fraction))) if size > 1 else 1
-        chosen = ([self.needs_audio[i] for i in rng.integers(len(self.needs_audio), size=n_audio)]
-                  + [self.distractors[i] for i in rng.integers(len(self.distractors), size=size - n_audio)])
-        return chosen, torch.tensor([False] * n_audio + [True] * (size - n_audio))
+        audio = [self.needs_audio[int(i)] for i in rng.integers(len(self.needs_audio), size=n_audio)]
+        retention = [self.distractors[int(i)] for i in rng.integers(len(self.distractors), size=size - n_audio)]
+        chosen = audio + with_distractors(retention, self.train_pool.distractors, distractor_rng)
+        flags = [False] * n_audio + [True] * (size - n_audio)
+        kept, _ = self.train_pool.usable(chosen)
+        if len(kept) < len(chosen):
+            keep = {id(r) for r in kept}
+            chosen, flags = zip(*[(r, f) for r, f in zip(chosen, flags) if id(r) in keep]) if kept else ((), ())
+            chosen, flags = list(chosen), list(flags)
+        return chosen, torch.tensor(flags, dtype=torch.bool)
 
     @torch.no_grad()
     def _scores(self, chosen, budgets) -> torch.Tensor:
-        batch = training_batch(self.batcher, self.train_pool, chosen, budgets)
-        labels = batch.pop("labels")
-        return row_exact_match(self.model(**batch).logits, labels).float().cpu()
+        """Each row's task score at its budget: teacher-forced exact match (one forward, what greedy
+        decoding would give) under exact match, else the greedy answer scored by the task's metric."""
+        if all(self.train_pool.metric(r.task) == "exact" for r in chosen):
+            batch = training_batch(self.batcher, self.train_pool, chosen, budgets)
+            labels = batch.pop("labels")
+            return row_exact_match(self.model(**batch).logits, labels).float().cpu()
+        answers = generate_safe_answers(self.model, self.batcher, self.train_pool, chosen, budgets)
+        return torch.tensor(self.train_pool.scores(answers, chosen), dtype=torch.float32)
 
     def _references(self) -> None:
         """Standardisation of the state, and the base's accuracy on distractor rows (teacher-forced)."""
         rng = np.random.default_rng([self.seed, 2**31 - 2])  # its own stream: never shifts the batches
-        size = self.cfg.state_samples
-        chosen, is_retention = self._draw(rng, size)
+        chosen, is_retention = self._draw(rng, self.cfg.state_samples, np.random.default_rng([self.seed, 2**31 - 3]))
+        size = len(chosen)
         features, scores = [], []
         chunk = self.profile.evaluation.batch_size
         for i in range(0, size, chunk):
@@ -317,7 +335,8 @@ class StageBTrainer:
         """The step's global batch (from the (seed, step) generator, which is returned to draw on),
         this rank's slice of it, the slice's policy inputs and the whole batch's."""
         rng = np.random.default_rng([self.seed, step])
-        chosen, is_retention = self._draw(rng, self.cfg.batch_size * self.dist.world)
+        chosen, is_retention = self._draw(rng, self.cfg.batch_size * self.dist.world,
+                                          np.random.default_rng([self.seed, step, 1]))
         mine = self.dist.rows(len(chosen))
         local = pool_policy_inputs(self.model.base, self.batcher, self.train_pool, chosen[mine], self.rate)
         return rng, chosen, is_retention, mine, local, self._gather_inputs(local)

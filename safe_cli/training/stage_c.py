@@ -20,7 +20,7 @@ The recipe, top to bottom:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from ..atomic import write_json
 from ..config.schema import Profile
-from ..data.avdigits import task_needs
 from ..data.batches import PromptBatcher
+from ..data.dataset import with_distractors
+from ..data.sources import evaluation_records, make_pool, records_of, training_and_validation
 from ..errors import RunFailed, SafeError
 from ..evaluation.runs import load_trained_model, locate
 from ..evaluation.strategies import (answer_at_every_budget, compare_strategies, policy_budgets, strategy_point,
@@ -43,7 +44,6 @@ from ..rl.cost import AudioCostModel
 from ..rl.gate import AudioGate
 from ..rl.state import PolicyInputs, pool_policy_inputs, state_dim
 from . import run_dir as layout
-from .batches import avdigits_pool
 from .lifecycle import open_stage_dir, peak_memory_mb
 from ..config.variants import resolve_variant
 from .stage_b import POLICY_WEIGHTS, check_same_model, load_policy, stage_a_weights_dir
@@ -73,13 +73,18 @@ class StageCResult:
 
 
 def mixed_examples(pool, count: int, audio_fraction: float, rng: np.random.Generator) -> list:
-    """``count`` examples with a clip: ``audio_fraction`` of them questions that need it."""
-    needs = [e for e in pool.examples if e.clip is not None and task_needs(e.task)[1]]
-    distractors = [e for e in pool.examples if e.is_retention]
+    """``count`` examples with a clip: ``audio_fraction`` of them questions that need it; VL/text
+    records without a clip get one from the pool's audio (their own stream: ``rng`` is not touched
+    again), and records whose files do not decode are left out."""
+    needs = pool.examples.of_kinds(("audio", "av"))
+    distractors = pool.examples.of_kinds(("vl", "text"))  # each given a clip when it has none
     n_audio = round(count * audio_fraction)
-    return ([needs[i] for i in rng.choice(len(needs), size=min(n_audio, len(needs)), replace=False)]
-            + [distractors[i] for i in rng.choice(len(distractors), size=min(count - n_audio, len(distractors)),
-                                                  replace=False)])
+    chosen = ([needs[int(i)] for i in rng.choice(len(needs), size=min(n_audio, len(needs)), replace=False)]
+              + [distractors[int(i)] for i in rng.choice(len(distractors), size=min(count - n_audio, len(distractors)),
+                                                         replace=False)])
+    chosen = with_distractors(chosen, pool.distractors, np.random.default_rng([count, 5]))
+    kept, _ = pool.usable(chosen)
+    return kept
 
 
 def choose_threshold(candidates: list[dict[str, Any]], policy_point: dict[str, Any], target: str,
@@ -120,7 +125,7 @@ class StageCDistiller:
         profile = self.profile
         trained = locate(self.stage_b_dir)  # Stage B's tuned adapters if it wrote them, else Stage A's
         self.model = load_trained_model(trained, profile, self.device)
-        self.batcher = PromptBatcher(self.model.base)
+        self.batcher = PromptBatcher(self.model.base, profile.evaluation.max_new_tokens)
         self.base_fingerprint = self.model.base_fingerprint()
         self.rate = self.model.audio_encoder.sample_rate
         self.budgets = list(profile.policy.token_budgets)
@@ -140,7 +145,8 @@ class StageCDistiller:
     def distill(self) -> AudioGate:
         cfg = self.cfg
         rng = np.random.default_rng([self.seed, 3])
-        pool = avdigits_pool(self.profile, "train", self.rate, encoder=self.model.audio_encoder)
+        train, self.validation_records = training_and_validation(self.profile)
+        pool = make_pool(self.profile, train, self.rate, encoder=self.model.audio_encoder)
         examples = mixed_examples(pool, cfg.train_examples, self.profile.training.stage_b.audio_fraction, rng)
         inputs = self._inputs(pool, examples, "policy states")
         with torch.no_grad():
@@ -168,12 +174,12 @@ class StageCDistiller:
 
     def calibrate(self, gate: AudioGate) -> dict[str, Any]:
         cfg = self.cfg
-        # Fresh pairings of the training split: another seed for the example generator, never the test split.
-        validation_profile = self.profile.model_copy(update={"seed": self.profile.seed + 1})
-        pool = avdigits_pool(validation_profile, "train", self.rate, encoder=self.model.audio_encoder)
+        # The validation records (data.validation_manifests, or a slice held out of the training
+        # records; AV-digits: fresh pairings made with seed + 1), never the evaluation records.
+        pool = make_pool(self.profile, self.validation_records, self.rate, encoder=self.model.audio_encoder)
         examples = mixed_examples(pool, cfg.validation_examples, self.profile.training.stage_b.audio_fraction,
                                   np.random.default_rng([self.seed, 4]))
-        view = replace(pool, examples=examples)
+        view = pool.view(examples)
         answers = answer_at_every_budget(self.model, self.batcher, view, self.budgets, self.cost_model,
                                          self.profile.evaluation.batch_size, description="calibrate on validation")
         policy_point = strategy_point(answers, "policy", policy_budgets(self.policy, self.normalizer, answers.inputs))
@@ -202,7 +208,8 @@ class StageCDistiller:
         gate.save(self.stage_dir)
 
         eval_cfg = self.profile.evaluation
-        test_pool = avdigits_pool(self.profile, "test", self.rate, encoder=self.model.audio_encoder)
+        test_pool = make_pool(self.profile, evaluation_records(records_of(self.profile, "test"), self.profile.seed),
+                              self.rate, encoder=self.model.audio_encoder)
         answers = answer_at_every_budget(self.model, self.batcher, test_pool, self.budgets, self.cost_model,
                                          eval_cfg.batch_size, eval_cfg.max_examples, description="evaluate strategies")
         points, _, chosen = compare_strategies(answers, self.policy, self.normalizer, gate)

@@ -1,4 +1,4 @@
-"""A content-addressed cache for things the framework builds once (pretrained foundation models).
+"""A content-addressed cache for things the framework builds once (foundation models, exported data).
 
 An entry's key is the SHA-256 of everything that decides its content (a JSON spec: config,
 data fingerprint, recipe version), so a change to any of them builds a new entry and an
