@@ -116,8 +116,8 @@ BROKEN = [
     ),
     (
         "missing-manifest",
-        HEAD + "data:\n  source: manifest\n  train_manifest: missing.jsonl\n",
-        [": data.train_manifest: ", "manifest not found: missing.jsonl"],
+        HEAD + "data:\n  source: manifest\n  train_manifests: [missing.jsonl]\n",
+        [": data.train_manifests.0: ", "manifest not found: missing.jsonl"],
     ),
     ("bad-slurm-time", HEAD + "sweep:\n  slurm:\n    time: 4 hours\n", [": sweep.slurm.time: ", "HH:MM:SS"]),
     ("extends-missing-profile", "extends: no-such-profile\nname: broken\n", ["broken.yaml: extends: "]),

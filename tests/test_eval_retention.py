@@ -156,10 +156,10 @@ def base_answered_manifest(run, tmp_path_factory):
     trained = locate(run)
     profile = load_profile(str(trained.profile_path))
     model = load_trained_model(trained, profile, "cpu")
-    data = manifest_data([str(draft)], model.audio_encoder.sample_rate)
+    data = manifest_data(profile, [str(draft)], model.audio_encoder.sample_rate)
     originals = [e for e in data.pool.examples if not e.meta.get("distractor")]
     answers = generate_safe_answers(model, PromptBatcher(model.base), data.pool, originals, budget=0)
-    by_id = {e.meta["id"]: a for e, a in zip(originals, answers)}
+    by_id = {e.id: a for e, a in zip(originals, answers)}
     records = []
     for record in read_manifest(draft):
         answer = by_id.get(record.id, "unused")  # the broken clip's record keeps a placeholder

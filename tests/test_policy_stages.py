@@ -23,7 +23,7 @@ from safe_cli.errors import SafeError
 from safe_cli.evaluation.runs import load_trained_model, locate
 from safe_cli.rl.gate import AudioGate
 from safe_cli.rl.state import pool_policy_inputs
-from safe_cli.training.batches import avdigits_pool
+from safe_cli.data.sources import split_pool
 from safe_cli.training.stage_a import train_stage_a
 from safe_cli.training.stage_b import StageBTrainer, train_stage_b
 from safe_cli.training.stage_c import distill_policy
@@ -99,8 +99,8 @@ def test_budget_zero_never_runs_the_audio_encoder(stage_a_run):
     from safe_cli.data.batches import PromptBatcher
 
     batcher = PromptBatcher(model.base)
-    pool = avdigits_pool(profile, "test", model.audio_encoder.sample_rate)
-    chosen = [e for e in pool.examples if e.clip is not None][:3]
+    pool = split_pool(profile, "test", model.audio_encoder.sample_rate)
+    chosen = [e for e in pool.examples if e.audio is not None][:3]
     batch = batcher.for_generation(pool.queries(chosen, with_answers=False))
     with torch.no_grad():
         model(**batch, token_budget=torch.tensor([0, 0, 0]), audio=pool.audio(chosen))
@@ -224,8 +224,8 @@ def test_deploy_answer_gives_the_base_answer_where_the_gate_says_no_audio(full_r
     model = load_trained_model(locate(run / "stage-a"), profile, "cpu")
     gate = AudioGate.load(run / "stage-c")
     batcher = PromptBatcher(model.base)
-    pool = avdigits_pool(profile, "test", model.audio_encoder.sample_rate)
-    chosen = [e for e in pool.examples if e.clip is not None][:6]
+    pool = split_pool(profile, "test", model.audio_encoder.sample_rate)
+    chosen = [e for e in pool.examples if e.audio is not None][:6]
     queries = pool.queries(chosen, with_answers=False)
     never = answer(model, gate, batcher, queries, pool.audio(chosen), threshold=1.01)
     always = answer(model, gate, batcher, queries, pool.audio(chosen), threshold=0.0)

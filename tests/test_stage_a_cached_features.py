@@ -10,7 +10,8 @@ from safe_cli.config import load_profile
 from safe_cli.errors import SafeError
 from safe_cli.features.cache import FeatureCache
 from safe_cli.features.encode import encode_audio
-from safe_cli.foundation.prepare import load_prepared_audio_encoder, load_sources
+from safe_cli.data.sources import records_of
+from safe_cli.foundation.prepare import load_prepared_audio_encoder
 from safe_cli.training.stage_a import StageATrainer, train_stage_a
 
 from conftest import FAST, shared_data_root
@@ -28,7 +29,9 @@ def feature_cache(cache, tmp_path_factory):
     """Every FSDD clip the FAST examples could use, encoded by the profile's own (pretrained) encoder."""
     profile = fsdd_profile()
     encoder = load_prepared_audio_encoder(profile)
-    paths = [p for split in ("train", "test") for p in load_sources(profile, split).clips.paths]
+    # Every clip the exported records use (train, validation, test): FSDD's own files.
+    paths = sorted({r.audio for split in ("train", "validation", "test") for r in records_of(profile, split)
+                    if r.audio is not None})
     directory = tmp_path_factory.mktemp("features")
     report = encode_audio(paths, FeatureCache(directory), encoder, batch_size=32, progress=False)
     assert report.encoded == len(paths) and not report.failures

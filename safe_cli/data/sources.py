@@ -138,3 +138,11 @@ def evaluation_records(records: Records, seed: int, clips: Optional[Sequence[str
         if tasks[i] in twin and pool:
             out += with_distractors([record], pool, rng)
     return out
+
+
+def split_pool(profile, split: str, sample_rate: int, encoder=None) -> RecordPool:
+    """One split's pool as the stages read it (the test split with its distractor twins)."""
+    if split == "test":
+        return make_pool(profile, evaluation_records(records_of(profile, "test"), profile.seed), sample_rate,
+                         encoder=encoder)
+    return make_pool(profile, records_of(profile, split), sample_rate, encoder=encoder)

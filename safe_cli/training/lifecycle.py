@@ -61,11 +61,12 @@ def prepare_stage_dir(directory: Path, profile: Profile, resume: bool) -> None:
                 f"{saved_path}: the run was started with another profile; resuming would mix two "
                 "trainings:\n" + "\n".join(differences[:20])
             )
-    directory.mkdir(parents=True, exist_ok=True)
+    # Nothing is created yet: a run that fails on its data or models leaves no folder behind.
 
 
 def open_stage_dir(directory: Path, profile: Profile, device: torch.device, base_fingerprint: str) -> None:
     """Write the resolved profile, env.json and the base fingerprint (refusing another base's folder)."""
+    directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(directory / layout.PROFILE_FILE, dump_profile(profile))
     write_json(directory / layout.ENV_FILE, layout.environment(str(device)))
     fingerprint_file = directory / layout.FINGERPRINT_FILE
