@@ -43,10 +43,8 @@ FAST = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One foundation cache for the module: the tiny pretraining runs once."""
-    path = tmp_path_factory.mktemp("cache")
+def cache_environment(path: Path):
+    """SAFE_CACHE_DIR=path and no progress bars while the generator runs; the old values after."""
     old = {k: os.environ.get(k) for k in ("SAFE_CACHE_DIR", "SAFE_NO_PROGRESS")}
     os.environ.update(SAFE_CACHE_DIR=str(path), SAFE_NO_PROGRESS="1")
     yield path
@@ -55,3 +53,9 @@ def cache(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One foundation cache for the module: the tiny pretraining runs once."""
+    yield from cache_environment(tmp_path_factory.mktemp("cache"))

@@ -27,6 +27,9 @@ from typer.testing import CliRunner
 
 from safe_cli.cli.main import app
 
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import cache_environment  # noqa: E402
+
 Line = Union[str, bytes, dict, list]
 
 IMAGE, AUDIO, AUDIO_2 = "img.png", "a.wav", "b.wav"
@@ -212,15 +215,7 @@ def command(which: str, train: Path, evaluation: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def no_cache(tmp_path_factory):
     """SAFE_CACHE_DIR for the module: nothing may land there (no model is prepared or loaded)."""
-    path = tmp_path_factory.mktemp("cache")
-    old = {k: os.environ.get(k) for k in ("SAFE_CACHE_DIR", "SAFE_NO_PROGRESS")}
-    os.environ.update(SAFE_CACHE_DIR=str(path), SAFE_NO_PROGRESS="1")
-    yield path
-    for key, value in old.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    yield from cache_environment(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -175,3 +174,92 @@ def test_stage_a_projects_every_update_of_the_protected_layers(cache, tmp_path):
             assert leak <= 8 * ulp, f"{name}: an update left the null space ({leak:.2g} along it, ulp {ulp:.2g})"
             projected += 1
     assert projected > 0, "the null space was never active while a protected layer moved"
+
+
+def test_the_old_train_manifest_key_still_works_with_a_deprecation_message(tmp_path):
+    (tmp_path / "t.jsonl").write_text("")
+    with pytest.warns(FutureWarning, match="data.train_manifest is deprecated; use data.train_manifests"):
+        profile = load_profile("demo", ["data.source=manifest", f"data.train_manifest={tmp_path / 't.jsonl'}"])
+    assert profile.data.train_manifests == [str(tmp_path / "t.jsonl")]
+
+
+# --------------------------------------------------------------------------- streaming, bad files
+
+
+def test_a_large_manifest_is_indexed_not_held(tmp_path):
+    """100,000 records keep byte offsets and task codes (a few MB), and parse when asked for."""
+    import tracemalloc
+
+    from PIL import Image
+    import soundfile as sf
+
+    from safe_cli.data.sources import read_records
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "i.png")
+    sf.write(tmp_path / "a.wav", np.zeros(800, np.float32), 8000)
+    with (tmp_path / "big.jsonl").open("w") as handle:
+        for i in range(100_000):
+            audio = i % 2 == 0
+            record = {"id": i, "image": "i.png", "conversations": [
+                {"from": "human", "value": ("<audio>\n" if audio else "") + "<image>\nWhich digit is shown?"},
+                {"from": "gpt", "value": str(i % 10)}]}
+            if audio:
+                record["audio"] = "a.wav"
+            handle.write(json.dumps(record) + "\n")
+    tracemalloc.start()
+    records = read_records([str(tmp_path / "big.jsonl")])
+    kept, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(records) == 100_000
+    assert kept < 8 * 2**20, f"the index keeps {kept / 2**20:.1f} MB"  # the records as objects: ~150 MB
+    assert records.counts() == {"av": 50_000, "vl": 50_000}  # kinds from the media, no record parsed
+    assert records.parts[0]._records is None
+    assert records[99_999].id == "99999" and records[99_999].answer == "9"
+    assert records.audio_paths() == [str(tmp_path / "a.wav")]
+
+
+def write_with_a_corrupt_clip(export: Path, out: Path, bad_share: int) -> Path:
+    """The export's training records with every ``bad_share``-th audio record's clip made unreadable."""
+    corrupt = out.parent / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really a wave file" * 4)
+    rows = [json.loads(line) for line in (export / "train.jsonl").read_text().splitlines()]
+    count = 0
+    for row in rows:
+        if row["task"].startswith(("audio/", "av/")):
+            count += 1
+            row["audio"] = str(corrupt) if count % bad_share == 0 else str((export / row["audio"]).resolve())
+        elif "audio" in row:
+            row["audio"] = str((export / row["audio"]).resolve())
+        if "image" in row:
+            row["image"] = str((export / row["image"]).resolve())
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def test_clips_that_fail_mid_run_are_skipped_and_counted(cache, export, tmp_path):
+    train = write_with_a_corrupt_clip(export, tmp_path / "train.jsonl", bad_share=4)
+    profile = manifest_profile(export, train, "data.max_bad_fraction=0.5")
+    train_stage_a(profile, variant="soft_retention", seed=0, run_dir=tmp_path / "run")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "stage-a" / "metrics.jsonl").open()]
+    assert metrics[-1]["bad_records"] > 0
+    assert (tmp_path / "run" / "stage-a" / "trainable.safetensors").is_file()
+
+
+def test_too_many_bad_records_stop_the_run_with_a_checkpoint(cache, export, tmp_path):
+    from safe_cli.errors import RunFailed
+
+    train = write_with_a_corrupt_clip(export, tmp_path / "train.jsonl", bad_share=2)
+    profile = manifest_profile(export, train, "data.max_bad_fraction=0.01")
+    with pytest.raises(RunFailed, match="failed to decode, more than data.max_bad_fraction") as info:
+        train_stage_a(profile, variant="soft_retention", seed=0, run_dir=tmp_path / "run")
+    assert info.value.exit_code == 1
+    assert list((tmp_path / "run" / "stage-a" / "checkpoints").iterdir()), "no checkpoint was saved"
+    assert "corrupt.wav" in str(info.value)
+
+
+def test_dataloader_workers_prepare_the_same_steps(cache, tmp_path):
+    """Batches made in a worker process train exactly as batches made in the training process."""
+    for workers in (0, 1):
+        train_stage_a(load_profile("demo", FAST + [f"data.loader_workers={workers}"]), variant="soft_retention",
+                      seed=0, run_dir=tmp_path / f"w{workers}")
+    assert same_weights(weights(tmp_path / "w0"), weights(tmp_path / "w1"))

@@ -167,7 +167,8 @@ def test_one_stage_a_step_matches_the_estimate(cache, tmp_path):
     handle = trainer.model.base_model.register_forward_pre_hook(record, with_kwargs=True)
     # Autograd packs tensors only in forwards (backward builds no graph): the step packs its
     # three forwards' tensors, and frees each batch's at that batch's backward.
-    result, measured = saved_tensor_bytes(lambda: trainer._step(1), trainer.model)
+    inputs = trainer.step_batches()[1]
+    result, measured = saved_tensor_bytes(lambda: trainer._step(1, inputs), trainer.model)
     handle.remove()
     assert result["skipped"] == 0.0
 

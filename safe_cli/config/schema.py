@@ -283,9 +283,11 @@ class DataConfig(Section):
         0.01, ge=0, le=1, description="A record whose image or clip fails to decode during training is skipped and "
         "counted; past this share of the training records the run stops (exit 1) with a checkpoint."
     )
-    loader_workers: int = Field(
-        1, ge=0, description="DataLoader worker processes that read records, decode media and run the base's "
-        "processor for the next steps while the current one trains (0: in the training process)."
+    loader_workers: Optional[int] = Field(
+        None, ge=0, description="DataLoader worker processes that read records, decode media and run the base's "
+        "processor for the next steps while the current one trains (0: in the training process). Default: 2 when "
+        "training on CUDA, 0 on the CPU, where a worker takes cores from the training step itself (bench/"
+        "data_loader.py measures both)."
     )
     media_cache_mb: float = Field(
         512.0, ge=0, description="Decoded images and clips kept in memory per process (least recently used go first)."
@@ -312,10 +314,10 @@ class DataConfig(Section):
 
             values = dict(values)
             old = values.pop("train_manifest")
-            if old:
+            if old:  # a profile saved before the key was renamed holds null here: nothing to say
                 values["train_manifests"] = list(values.get("train_manifests") or []) + [old]
-            warnings.warn("data.train_manifest is deprecated; use data.train_manifests: [path, ...]",
-                          FutureWarning, stacklevel=2)
+                warnings.warn("data.train_manifest is deprecated; use data.train_manifests: [path, ...]",
+                              FutureWarning, stacklevel=2)
         return values
 
 

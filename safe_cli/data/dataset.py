@@ -16,7 +16,6 @@ Nothing here knows which stage reads it.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional, Sequence, Union
@@ -26,7 +25,7 @@ import torch
 
 from .audio_io import AudioDecodeError, load_audio
 from .batches import Query
-from .manifest import ManifestFile, Record
+from .manifest import ManifestFile, Record, id_fraction
 
 Part = Union[ManifestFile, Sequence[Record]]
 
@@ -41,7 +40,9 @@ class Records:
                                     for i, p in enumerate(self.parts)] or [np.zeros((0, 2))]).astype(np.int64)
         self.index = index.reshape(-1, 2)
         self._tasks: Optional[np.ndarray] = None
-        self._has_audio: Optional[np.ndarray] = None
+        self._clips: Optional[np.ndarray] = None  # index into _clip_names per record, -1 without a clip
+        self._fractions: Optional[np.ndarray] = None
+        self._clip_names: list[str] = []
 
     @classmethod
     def of(cls, records: Sequence[Record]) -> "Records":
@@ -58,21 +59,35 @@ class Records:
         return (self[i] for i in range(len(self)))
 
     def _columns(self) -> None:
-        tasks, audio = [], []
+        """Per-record task, clip code and id hash from each part's scan, without parsing records."""
+        tasks, audio, fractions, self._clip_names = [], [], [], []
         for part in self.parts:
             if isinstance(part, ManifestFile):
                 tasks.append(np.asarray(part.task_names, dtype=object)[part.task_codes])
-                audio.append(part.has_audio)
+                offset = len(self._clip_names)
+                audio.append(np.where(part.audio_codes >= 0, part.audio_codes + offset, -1))
+                self._clip_names += part.audio_names
+                fractions.append(part.id_fractions)
             else:
                 tasks.append(np.asarray([r.task for r in part], dtype=object))
-                audio.append(np.asarray([r.audio is not None for r in part], dtype=bool))
+                codes = []
+                for r in part:
+                    if r.audio is None:
+                        codes.append(-1)
+                    else:
+                        codes.append(len(self._clip_names))
+                        self._clip_names.append(r.audio)
+                audio.append(np.asarray(codes, dtype=np.int64))
+                fractions.append(np.asarray([id_fraction(r.id) for r in part], dtype=np.float64))
         rows, parts = self.index[:, 1], self.index[:, 0]
         self._tasks = np.empty(len(self), dtype=object)
-        self._has_audio = np.zeros(len(self), dtype=bool)
+        self._clips = np.full(len(self), -1, dtype=np.int64)
+        self._fractions = np.zeros(len(self), dtype=np.float64)
         for i in range(len(self.parts)):
             here = parts == i
             self._tasks[here] = tasks[i][rows[here]]
-            self._has_audio[here] = audio[i][rows[here]]
+            self._clips[here] = audio[i][rows[here]]
+            self._fractions[here] = fractions[i][rows[here]]
 
     @property
     def tasks(self) -> np.ndarray:
@@ -87,9 +102,16 @@ class Records:
 
     @property
     def has_audio(self) -> np.ndarray:
-        if self._has_audio is None:
+        if self._clips is None:
             self._columns()
-        return self._has_audio
+        return self._clips >= 0
+
+    @property
+    def id_fractions(self) -> np.ndarray:
+        """(N,) each record's id hashed into [0, 1) (``manifest.id_fraction``)."""
+        if self._fractions is None:
+            self._columns()
+        return self._fractions
 
     def subset(self, rows) -> "Records":
         """The records at ``rows`` (indices or a boolean mask), in that order."""
@@ -97,7 +119,8 @@ class Records:
         rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
         out = Records(self.parts, self.index[rows])
         if self._tasks is not None:
-            out._tasks, out._has_audio = self._tasks[rows], self._has_audio[rows]
+            out._tasks, out._clips, out._fractions = self._tasks[rows], self._clips[rows], self._fractions[rows]
+            out._clip_names = self._clip_names
         return out
 
     def of_kinds(self, kinds: Sequence[str]) -> "Records":
@@ -105,11 +128,9 @@ class Records:
 
     def audio_paths(self) -> list[str]:
         """The distinct clips these records use, sorted (the distractor pool; a stable order)."""
-        whole = (all(isinstance(p, ManifestFile) for p in self.parts)
-                 and len(self) == sum(len(p) for p in self.parts))
-        if whole:  # known from the scan, nothing parsed
-            return sorted(set().union(*(p.audio_paths for p in self.parts)))
-        return sorted({self[int(i)].audio for i in np.flatnonzero(self.has_audio)})
+        if self._clips is None:
+            self._columns()
+        return sorted({self._clip_names[int(c)] for c in np.unique(self._clips) if c >= 0})
 
     def counts(self) -> dict[str, int]:
         """Records per task kind."""
@@ -117,15 +138,9 @@ class Records:
         return {str(k): int(n) for k, n in zip(kinds, numbers)}
 
 
-def id_fraction(record_id: str, salt: str = "validation") -> float:
-    """A stable number in [0, 1) from a record's id: a split by it survives reordering and appends."""
-    digest = hashlib.sha256(f"{salt}:{record_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2.0 ** 64
-
-
 def split_validation(records: Records, fraction: float) -> tuple[Records, Records]:
     """(training, validation): the records whose id hashes below ``fraction`` are held out."""
-    held = np.asarray([id_fraction(records[i].id) < fraction for i in range(len(records))], dtype=bool)
+    held = records.id_fractions < fraction
     return records.subset(~held), records.subset(held)
 
 
@@ -151,37 +166,37 @@ class MediaLoader:
                 self._held -= old.nbytes
         return value
 
-    def image(self, path: str) -> Optional[np.ndarray]:
-        key = ("image", path)
+    def _get(self, kind: str, path: str, decode) -> Optional[np.ndarray]:
+        """The decoded file from the cache, else ``decode(path)`` (None and a reason on failure)."""
+        key = (kind, path)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         if path in self.failed:
             return None
-        from PIL import Image
-
         try:
-            with Image.open(path) as image:
-                # Grey images stay grey (H, W): the processor makes RGB of them as it would of the array.
-                array = np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
+            value = decode(path)
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            self.failed[path] = f"cannot read image: {exc}"
+            self.failed[path] = f"cannot read {kind}: {exc}"
             return None
-        return self._remember(key, array)
-
-    def audio(self, path: str) -> Optional[np.ndarray]:
-        key = ("audio", path)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        if path in self.failed:
-            return None
-        try:
-            wave = load_audio(path, self.sample_rate)
         except AudioDecodeError as exc:
             self.failed[path] = exc.reason
             return None
-        return self._remember(key, wave)
+        return self._remember(key, value)
+
+    def image(self, path: str) -> Optional[np.ndarray]:
+        return self._get("image", path, _decode_image)
+
+    def audio(self, path: str) -> Optional[np.ndarray]:
+        return self._get("audio", path, lambda p: load_audio(p, self.sample_rate))
+
+
+def _decode_image(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        # Grey images stay grey (H, W): the processor makes RGB of them as it would of the array.
+        return np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
 
 
 @dataclass

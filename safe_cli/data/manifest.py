@@ -40,9 +40,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -62,6 +63,7 @@ _NEEDS_AUDIO = ("audio", "av")
 _NEEDS_IMAGE = ("vl", "av")
 _NO_IMAGE = ("text",)
 # Speaker names of both conventions, mapped to one vocabulary.
+_EXPECTED_TASK = f"'<kind>/<name>' or '<kind>' with kind one of {', '.join(TASK_KINDS)} (e.g. 'vl/digit')"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -156,6 +158,12 @@ def _relative(path: str, relative_to: Optional[PathLike]) -> str:
         return os.path.abspath(path)
 
 
+def id_fraction(record_id: str) -> float:
+    """A stable number in [0, 1) from a record's id (CRC-32): a split by it survives reordering and
+    appends, and costs nothing next to parsing the record."""
+    return zlib.crc32(record_id.encode("utf-8")) / 2.0 ** 32
+
+
 def default_task_name(path: PathLike) -> str:
     """The task name a record without ``task`` gets: its manifest's file name, e.g. ``vqa``."""
     name = _NAME_CHARS.sub("_", Path(path).stem).strip("_")
@@ -166,11 +174,24 @@ def default_task_name(path: PathLike) -> str:
 
 
 class FileChecker:
-    """``reason(path)``: None for a readable file, else why not; each path is checked once."""
+    """``reason(path)``: None for a readable file, else why not; each path is checked once.
+
+    Also resolves a record's relative path against its manifest's folder once per distinct
+    (folder, path): a large corpus names the same few hundred files again and again.
+    """
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._seen: dict[str, Optional[str]] = {}
+        self._resolved: dict[tuple, str] = {}
+
+    def resolve(self, base: Optional[Path], value: str) -> str:
+        key = (base, value)
+        found = self._resolved.get(key)
+        if found is None:
+            found = os.path.normpath(os.path.join(base, value)) if base is not None else value
+            self._resolved[key] = found
+        return found
 
     def reason(self, path: str) -> Optional[str]:
         if not self.enabled:
@@ -200,8 +221,10 @@ class ManifestFile:
         self.task_names: list[str] = []
         codes: dict[str, int] = {}
         task_codes: list[int] = []
-        has_audio: list[bool] = []
-        self.audio_paths: set[str] = set()
+        audio_codes: list[int] = []  # index into self.audio_names, -1 without a clip
+        audio_index: dict[str, int] = {}
+        self.audio_names: list[str] = []
+        id_hashes: list[float] = []
         self.image_paths: set[str] = set()
         self._records: Optional[list[Record]] = None
         spans: list[tuple[int, int]] = []
@@ -213,9 +236,11 @@ class ManifestFile:
                 codes[record.task] = len(self.task_names)
                 self.task_names.append(record.task)
             task_codes.append(codes[record.task])
-            has_audio.append(record.audio is not None)
-            if record.audio is not None:
-                self.audio_paths.add(record.audio)
+            if record.audio is not None and record.audio not in audio_index:
+                audio_index[record.audio] = len(self.audio_names)
+                self.audio_names.append(record.audio)
+            audio_codes.append(-1 if record.audio is None else audio_index[record.audio])
+            id_hashes.append(id_fraction(record.id))
             if record.image is not None:
                 self.image_paths.add(record.image)
 
@@ -245,13 +270,19 @@ class ManifestFile:
         if not task_codes:
             raise ManifestError(f"{self.name}: no records")
         self.task_codes = np.asarray(task_codes, dtype=np.int32)
-        self.has_audio = np.asarray(has_audio, dtype=bool)
+        self.audio_codes = np.asarray(audio_codes, dtype=np.int32)
+        self.has_audio = self.audio_codes >= 0
+        self.id_fractions = np.asarray(id_hashes, dtype=np.float64)
         self._spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
         self._fd: Optional[int] = None
         self._fd_pid: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.task_codes)
+
+    @property
+    def audio_paths(self) -> set[str]:
+        return set(self.audio_names)
 
     @property
     def kinds(self) -> np.ndarray:
@@ -421,7 +452,7 @@ def _turns(obj: dict, bad: Callable[[str, str], None]) -> Optional[tuple[str, li
         return None
     out, ok = [], True
     for i, turn in enumerate(turns_value):
-        key = f"{list_key}[{i}]"
+        key = _TurnKey(list_key, i)
         if not isinstance(turn, dict):
             bad(key, f"expected an object with {speaker_key!r} and {text_key!r}, got {_type_name(turn)}")
             ok = False
@@ -439,8 +470,26 @@ def _turns(obj: dict, bad: Callable[[str, str], None]) -> Optional[tuple[str, li
             bad(f"{key}.{text_key}", f"expected a string, {got}")
             ok = False
             continue
-        out.append((role, text, f"{key}.{text_key}"))
+        out.append((role, text, _TurnKey(list_key, i, text_key)))
     return (list_key, out) if ok else None
+
+
+class _TurnKey:
+    """``conversations[3].value``, formatted only when a message needs it (most records have none)."""
+
+    __slots__ = ("list_key", "index", "field")
+
+    def __init__(self, list_key: str, index: int, field: Optional[str] = None):
+        self.list_key, self.index, self.field = list_key, index, field
+
+    def turn(self) -> str:
+        return f"{self.list_key}[{self.index}]"
+
+    def __str__(self) -> str:
+        return self.turn() + (f".{self.field}" if self.field else "")
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
 
 def convert(
@@ -493,7 +542,7 @@ def convert(
         paths[single] = None
         if value is None:
             continue
-        resolved = os.path.normpath(os.path.join(base, value)) if base is not None else value
+        resolved = files.resolve(base, value)
         paths[single] = resolved
         reason = files.reason(resolved)
         if reason:
@@ -502,7 +551,7 @@ def convert(
     # task: given, or from the media the record carries
     task = obj.get("task")
     kind: Optional[str] = None
-    expected_task = f"'<kind>/<name>' or '<kind>' with kind one of {', '.join(TASK_KINDS)} (e.g. 'vl/digit')"
+    expected_task = _EXPECTED_TASK
     if task is None:
         kind = "av" if has["image"] and has["audio"] else "audio" if has["audio"] else "vl" if has["image"] else "text"
         task = f"{kind}/{default_task}"
@@ -537,12 +586,11 @@ def convert(
             for i, (role, text, key) in enumerate(turns):
                 expected = "user" if i % 2 == 0 else "assistant"
                 if role != expected:
-                    bad(key.rsplit(".", 1)[0], f"expected a {expected} turn here (turns alternate user, assistant), "
-                                               f"got {role}")
+                    bad(key.turn(), f"expected a {expected} turn here (turns alternate user, assistant), got {role}")
                     structure_ok = False
                     break
             if structure_ok and len(turns) % 2:
-                bad(turns[-1][2].rsplit(".", 1)[0], "the last turn is a user turn with no answer")
+                bad(turns[-1][2].turn(), "the last turn is a user turn with no answer")
                 structure_ok = False
         if structure_ok:
             counts = {IMAGE_PLACEHOLDER: 0, AUDIO_PLACEHOLDER: 0}

@@ -13,7 +13,6 @@ they never come from the evaluation manifests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence

@@ -24,10 +24,8 @@ import torch
 from ..atomic import write_json
 from ..config.schema import Profile
 from ..data import avdigits
-from ..data.avdigits import DigitClips, DigitImages
 from ..data.batches import PromptBatcher, generate_answers
 from ..data.scoring import is_correct
-from ..errors import SafeError
 from ..models.audio_encoders import AudioEncoder, WhisperEncoder, load_audio_encoder
 from ..models.base import BaseVLModel, load_base, load_base_from_directory
 from . import pretrain

@@ -375,7 +375,10 @@ class StageATrainer:
         steps_timed = 0
         bar = progress_bar("stage A", self.cfg.steps, completed=start) if main else contextlib.nullcontext(
             lambda **fields: None)
-        loader = step_loader(self.step_batches(), start + 1, self.cfg.steps, self.profile.data.loader_workers)
+        workers = self.profile.data.loader_workers
+        if workers is None:
+            workers = 2 if self.device.type == "cuda" else 0
+        loader = step_loader(self.step_batches(), start + 1, self.cfg.steps, workers)
         bad_records: dict[str, str] = {}
         with StopSignals() as interrupt, bar as advance:
             began = time.perf_counter()

@@ -68,6 +68,8 @@ from .stage_a import AUDIO_INPUTS
 
 # What must not change between Stage A and Stage B: it defines the model the policy drives.
 MODEL_SECTIONS = ("base", "audio_encoder", "projector", "fusion", "data")
+LOADER_KEYS = tuple(f"data.{key}:" for key in ("audio_features", "loader_workers", "media_cache_mb",
+                                               "max_bad_fraction"))
 
 
 @dataclass
@@ -108,8 +110,9 @@ def check_same_model(stage_a_dir: Path, profile: Profile) -> None:
     differences = []
     for section in MODEL_SECTIONS:
         differences += profile_differences({section: saved.get(section)}, {section: current.get(section)})
-    # Where clip features come from (the encoder or its cache) does not change the model.
-    differences = [d for d in differences if not d.startswith("data.audio_features:")]
+    # How records are fed (clip features from the encoder or its cache, loader processes, the media
+    # cache, the bad-record limit) does not change the model.
+    differences = [d for d in differences if not d.startswith(LOADER_KEYS)]
     if saved.get("policy", {}).get("token_budgets") != current["policy"]["token_budgets"]:
         differences.append(f"policy.token_budgets: {saved.get('policy', {}).get('token_budgets')!r} in the run, "
                            f"{current['policy']['token_budgets']!r} now")
