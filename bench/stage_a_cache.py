@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +51,6 @@ def main() -> None:
     from safe_cli.config import load_profile
     from safe_cli.features.cache import FeatureCache
     from safe_cli.features.encode import encode_audio
-    from safe_cli.foundation.prepare import load_sources
     from safe_cli.training.stage_a import StageATrainer
 
     overrides = ["data.num_train=40", "data.num_eval=4"] + (WHISPER_TINY if args.encoder == "whisper-tiny" else [])
@@ -62,12 +60,8 @@ def main() -> None:
     fly = StageATrainer(load_profile(args.profile, overrides), variant=args.variant, seed=0, run_dir=work / "fly")
     fly.build()
     profile = fly.profile
-    used = []
-    for split, pools in (("train", (fly.alignment, fly.retention_pool)), ("test", (fly.test_pool,))):
-        paths = load_sources(profile, split).clips.paths
-        if paths is None:
-            sys.exit(f"{args.profile}: its clips have no files; the cache needs a file-backed source (fsdd-mnist)")
-        used += sorted({paths[e.clip] for pool in pools for e in pool.examples if e.clip is not None})
+    # Every clip the run can hear: the training records' (their distractor pool) and the test records'.
+    used = sorted(set(fly.alignment.distractors) | {e.audio for e in fly.test_pool.examples if e.audio})
     cache_dir = work / "features"
     began = time.perf_counter()
     report = encode_audio(used, FeatureCache(cache_dir), fly.model.audio_encoder, batch_size=16, progress=False)
@@ -79,13 +73,15 @@ def main() -> None:
     trainers = {"on_the_fly": fly, "from_cache": cached}
     for trainer in trainers.values():
         trainer.model.train()
+        steps = trainer.step_batches()
         for step in (1, 2):
-            trainer._step(step)
+            trainer._step(step, steps[step])
     seconds = {name: [] for name in trainers}
     for step in range(3, 3 + args.steps):
         for name, trainer in trainers.items():
+            inputs = trainer.step_batches()[step]  # made outside the timed part: the encoder is what differs
             began = time.perf_counter()
-            trainer._step(step)
+            trainer._step(step, inputs)
             seconds[name].append(time.perf_counter() - began)
 
     examples_per_step = profile.training.stage_a.batch_size * profile.training.stage_a.grad_accum

@@ -75,8 +75,10 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_the_weights(cache, tmp_path
     trainer = _trainer(tmp_path)
     trainer.build()
     before = {k: v.detach().clone() for k, v in trainer.trainable.items()}
-    trainer.alignment.waves[:] = [wave * float("nan") for wave in trainer.alignment.waves]
-    record = trainer._step(1)
+    inputs = trainer.step_batches()[1]
+    for batch in inputs["micro"]:
+        batch["audio"] = [wave * float("nan") for wave in batch["audio"]]
+    record = trainer._step(1, inputs)
     assert record["skipped"] == 1.0
     assert all(torch.equal(before[k], v) for k, v in trainer.trainable.items())
 

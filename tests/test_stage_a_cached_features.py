@@ -66,7 +66,7 @@ def test_the_cache_is_really_read(feature_cache, tmp_path, monkeypatch):
         raise AssertionError("the audio encoder ran although the features are cached")
 
     monkeypatch.setattr(trainer.model.audio_encoder, "forward", no_encoder)
-    record = trainer._step(1)
+    record = trainer._step(1, trainer.step_batches()[1])
     assert record["skipped"] == 0.0 and torch.isfinite(torch.tensor(record["loss"]))
 
 
@@ -83,10 +83,22 @@ def test_a_cache_without_the_clips_names_them_and_the_fix(cache, feature_cache, 
                       run_dir=tmp_path / "run2").build()
 
 
-def test_the_synthetic_source_has_no_files_to_look_up(cache, tmp_path):
+def test_the_synthetic_sources_clips_are_files_the_cache_holds(cache, tmp_path, monkeypatch):
+    """The synthetic source is exported to files like any other data, so its clips can be cached too."""
+    profile = load_profile("demo", FAST)
+    encoder = load_prepared_audio_encoder(profile)
+    paths = sorted({r.audio for split in ("train", "validation", "test") for r in records_of(profile, split)
+                    if r.audio is not None})
     features = tmp_path / "features"
-    FeatureCache(features)
-    (features / "index.json").write_text("{}")
-    with pytest.raises(SafeError, match="data.audio_features: this data source's clips have no files"):
-        StageATrainer(load_profile("demo", FAST + [f"data.audio_features={features}"]), variant="no_retention",
-                      seed=0, run_dir=tmp_path / "run").build()
+    report = encode_audio(paths, FeatureCache(features), encoder, batch_size=32, progress=False)
+    assert report.encoded == len(paths) and not report.failures
+    trainer = StageATrainer(load_profile("demo", FAST + [f"data.audio_features={features}"]), variant="no_retention",
+                            seed=0, run_dir=tmp_path / "run")
+    trainer.build()
+    assert trainer.alignment.features is not None
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the audio encoder ran although the features are cached")
+
+    monkeypatch.setattr(trainer.model.audio_encoder, "forward", no_encoder)
+    assert trainer._step(1, trainer.step_batches()[1])["skipped"] == 0.0

@@ -99,7 +99,7 @@ def _train(stage, variant, profile, run_dir, seed, resume, set_, device, json_ou
         print(json.dumps({"stage_dir": str(result.stage_dir), **summary}, indent=1, sort_keys=True))
         return
 
-    table = Table(title=f"stage A, {result.variant}, seed {result.seed}: base vs SAFE on the test split")
+    table = Table(title=f"stage A, {result.variant}, seed {result.seed}: base vs SAFE on the evaluation records")
     for column in ("task", "audio clip", "n", "base", "SAFE", "Δ"):
         table.add_column(column, justify="left" if column in ("task", "audio clip") else "right")
     for task in result.tasks:
@@ -108,8 +108,9 @@ def _train(stage, variant, profile, run_dir, seed, resume, set_, device, json_ou
         table.add_row(row["task"], clip, str(row["n"]), f"{row['base_accuracy']:.1%}", f"{row['safe_accuracy']:.1%}",
                       f"{100 * row['delta']:+.1f}")
     console.print(table)
-    budgets = ", ".join(f"{k} tokens {v:.1%}" for k, v in result.audio_digit_by_budget.items())
-    console.print(f"audio/digit by budget: {budgets}")
+    if result.audio_digit_by_budget:
+        budgets = ", ".join(f"{k} tokens {v:.1%}" for k, v in result.audio_digit_by_budget.items())
+        console.print(f"{result.audio_task} by budget: {budgets}")
     console.print(f"{result.steps} steps ({result.skipped_steps} skipped), {result.examples_per_second:.0f} examples/s, "
                   f"peak memory {result.peak_memory_mb:.0f} MB")
     console.print(f"base fingerprint {'unchanged' if result.base_unchanged else 'CHANGED'}: {result.base_fingerprint}")

@@ -83,9 +83,10 @@ def records_of(profile, split: str, check_files: bool = True) -> Records:
         return read_records(paths, check_files)
     if split == "validation":
         return training_and_validation(profile, check_files)[1]
-    key = {"train": "data.train_manifests", "test": "data.eval_manifests"}[split]
-    raise SafeError(f"{key}: no {'training' if split == 'train' else 'evaluation'} manifests given "
-                    f"(--set {key}=[path.jsonl])")
+    if split == "train":
+        raise SafeError("data.train_manifests: no training manifests given (--set data.train_manifests=[path.jsonl])")
+    raise SafeError("data.eval_manifests: no evaluation manifests given (--set data.eval_manifests=[path.jsonl]); "
+                    "every stage ends by comparing SAFE with the base on them, the evidence that nothing regressed")
 
 
 def training_and_validation(profile, check_files: bool = True) -> tuple[Records, Records]:

@@ -503,21 +503,36 @@ def estimate_memory(profile: Profile, variant: Optional[str] = None,
 def saved_tensor_bytes(run: Callable[[], Any], module: Optional[torch.nn.Module] = None) -> tuple[Any, int]:
     """Run ``run()`` and return (its result, bytes autograd saved for backward meanwhile).
 
-    Counts each storage once and leaves out ``module``'s parameters and buffers (weights saved for
-    backward cost nothing new). Saved tensors live until the backward, so their storages are
-    distinct while they are being counted. The check of the activation formula uses it.
+    Counts each storage once while it is saved (views of one storage share it) and leaves out
+    ``module``'s parameters and buffers (weights saved for backward cost nothing new). A storage
+    freed at a backward and a later one at the same address count apart: keying by address
+    alone made the figure depend on how the allocator reused memory between micro-batches.
+    The check of the activation formula uses it.
     """
+    import weakref
+
     owned = set()
     if module is not None:
         owned = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
-    seen: dict[int, int] = {}
+    live: dict[int, int] = {}  # address -> saved tensors using that storage now
+    total = 0
+
+    def release(address: int) -> None:
+        live[address] -= 1
+        if not live[address]:
+            del live[address]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in owned:
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        address = storage.data_ptr()
+        if address not in owned:
+            if address not in live:
+                total += storage.nbytes()
+            live[address] = live.get(address, 0) + 1
+            weakref.finalize(tensor, release, address)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = run()
-    return result, sum(seen.values())
+    return result, total

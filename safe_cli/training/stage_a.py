@@ -49,7 +49,7 @@ from ..data.batches import PromptBatcher
 from ..data.dataset import with_distractors
 from ..data.sources import evaluation_records, make_pool, records_of, training_and_validation
 from ..errors import RunFailed, SafeError
-from ..evaluation.tasks import TaskResult, audio_accuracy_by_budget, evaluate
+from ..evaluation.tasks import TaskResult, audio_accuracy_by_budget, audio_task, evaluate
 from ..foundation.prepare import load_prepared_models
 from ..models.builder import apply_precision, build_trainable, resolve_device
 from ..models.safe_model import SAFEModel
@@ -82,7 +82,8 @@ class StageAResult:
     base_fingerprint: str
     base_unchanged: bool
     tasks: list[TaskResult] = field(default_factory=list)
-    audio_digit_by_budget: dict[int, float] = field(default_factory=dict)
+    audio_digit_by_budget: dict[int, float] = field(default_factory=dict)  # the audio task's score by budget
+    audio_task: Optional[str] = None  # which task that is (audio/digit on AV-digits)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -92,6 +93,7 @@ class StageAResult:
             "peak_memory_mb": self.peak_memory_mb, "base_fingerprint": self.base_fingerprint,
             "base_unchanged": self.base_unchanged, "tasks": [t.summary() for t in self.tasks],
             "audio_digit_by_budget": {str(k): v for k, v in self.audio_digit_by_budget.items()},
+            "audio_task": self.audio_task,
         }
 
 
@@ -427,18 +429,22 @@ class StageATrainer:
         eval_cfg = self.profile.evaluation
         tasks = evaluate(self.model, self.batcher, self.test_pool, self.max_budget, eval_cfg.batch_size,
                          eval_cfg.max_examples, description="evaluate base vs SAFE")
-        # audio/digit at the largest budget is already in ``tasks``; only the smaller ones are run again.
-        smaller = [b for b in self.positive_budgets if b != self.max_budget]
-        by_budget = audio_accuracy_by_budget(self.model, self.batcher, self.test_pool, smaller,
-                                             batch_size=eval_cfg.batch_size, max_examples=eval_cfg.max_examples)
-        by_budget.update({self.max_budget: t.safe_accuracy for t in tasks if t.task == "audio/digit"})
+        # The audio task (audio/digit on AV-digits) at the largest budget is already in ``tasks``; only
+        # the smaller budgets are run again.
+        followed = audio_task(self.test_pool)
+        by_budget: dict[int, float] = {}
+        if followed is not None:
+            smaller = [b for b in self.positive_budgets if b != self.max_budget]
+            by_budget = audio_accuracy_by_budget(self.model, self.batcher, self.test_pool, smaller, task=followed,
+                                                 batch_size=eval_cfg.batch_size, max_examples=eval_cfg.max_examples)
+            by_budget.update({self.max_budget: t.safe_accuracy for t in tasks if t.task == followed})
         unchanged = self.model.base_fingerprint() == self.base_fingerprint
         result = StageAResult(
             stage_dir=directory, variant=self.variant_name, seed=self.seed, steps=self.cfg.steps,
             resumed_from=resumed_from, skipped_steps=skipped, train_seconds=train_seconds,
             examples_per_second=examples_per_step * steps_timed / train_seconds if train_seconds else float("nan"),
             peak_memory_mb=peak_memory_mb(self.device), base_fingerprint=self.base_fingerprint,
-            base_unchanged=unchanged, tasks=tasks, audio_digit_by_budget=by_budget,
+            base_unchanged=unchanged, tasks=tasks, audio_digit_by_budget=by_budget, audio_task=followed,
         )
         write_json(directory / layout.SUMMARY_FILE, result.summary())
         write_json(directory / "eval_examples.json", [t.to_dict() for t in tasks])
