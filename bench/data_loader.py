@@ -6,8 +6,8 @@ Three measurements in one run, on the demo profile (its tiny models come from th
 1. throughput: Stage A steps fed by the data path (records read by offset, PNG/WAV decoded,
    the processor run; in the training process and with 1 DataLoader worker) against the same
    steps' inputs built beforehand and held in memory. Median of --repeats.
-2. start-up: a 100,000-record manifest over the export's few thousand files (records cycle
-   through the AV-digits export) against a 1,000-record one: seconds from a fresh process to
+2. start-up: a 100,000-record manifest over the export's few thousand files (records drawn
+   from the AV-digits export) against a 1,000-record one: seconds from a fresh process to
    the end of the first training step, and that process's peak RSS.
 3. the scan alone: seconds to validate and index the 100,000 records.
 
@@ -88,12 +88,13 @@ def child_start(manifests: dict[str, str], run_dir: str) -> None:
 
 
 def big_manifest(source: Path, out: Path, records: int) -> Path:
-    """``records`` lines cycling through ``source``'s records with fresh ids (same files)."""
+    """``records`` lines drawn from ``source``'s records with fresh ids (same files); a prime stride
+    through the file, whose records are grouped by task, so every task is in even a small one."""
     lines = source.read_text().splitlines()
     base = source.parent
     with out.open("w") as handle:
         for i in range(records):
-            row = json.loads(lines[i % len(lines)])
+            row = json.loads(lines[(i * 7919) % len(lines)])
             row["id"] = f"r{i}"
             for key in ("image", "audio"):
                 if key in row:

@@ -263,3 +263,19 @@ def test_dataloader_workers_prepare_the_same_steps(cache, tmp_path):
         train_stage_a(load_profile("demo", FAST + [f"data.loader_workers={workers}"]), variant="soft_retention",
                       seed=0, run_dir=tmp_path / f"w{workers}")
     assert same_weights(weights(tmp_path / "w0"), weights(tmp_path / "w1"))
+
+
+def test_a_multi_turn_record_labels_every_answer_and_nothing_else(cache):
+    from safe_cli.data.batches import PromptBatcher, Query
+    from safe_cli.foundation.prepare import load_prepared_models
+
+    base, _ = load_prepared_models(load_profile("demo", FAST))
+    batcher = PromptBatcher(base)
+    image = np.zeros((28, 28), np.uint8)
+    batch = batcher.for_training([Query("What is 3 plus 4?", image, "7", history=(("Which digit is shown?", "3"),)),
+                                  Query("What is 1 plus 1?", None, "2")])
+    tokens = batcher.tokenizer.convert_ids_to_tokens
+    labelled = [tokens(batch["input_ids"][r][batch["labels"][r] != -100].tolist()) for r in range(2)]
+    assert labelled == [["3", "</s>", "7", "</s>"], ["2", "</s>"]]
+    prompt = batcher.prompt(Query("What is 3 plus 4?", image, history=(("Which digit is shown?", "3"),)))
+    assert prompt == "USER: <image>\nWhich digit is shown? ASSISTANT: 3</s>USER: What is 3 plus 4? ASSISTANT:"

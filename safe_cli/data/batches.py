@@ -102,37 +102,33 @@ class PromptBatcher:
         if any(q.answer is None for q in queries):
             raise ValueError("training queries need answers")
         pieces = [self.segments(q, with_answer=True) for q in queries]
-        batch = self._encode(["".join(t for t, _ in row) for row in pieces], queries, "right")
+        texts = ["".join(t for t, _ in row) for row in pieces]
+        batch = self._encode(texts, queries, "right")
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-        positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+        # Prefix lengths come from the tokenizer alone (the images are processed once, above): what
+        # the processor adds to a row (image tokens for <image>, BLIP-2's query tokens) sits in the
+        # first turn, before every answer, so it shifts each boundary by the same row offset.
+        full = self.tokenizer(texts)["input_ids"]
+        offsets = [int(mask[r].sum()) - len(full[r]) for r in range(len(texts))]
         answer = torch.zeros_like(mask)
-        # Boundaries of every answer: the prefix up to its start and up to its end, per row.
-        bounds = [[i for i, (_, is_answer) in enumerate(row) if is_answer] for row in pieces]
-        for turn in range(max(len(b) for b in bounds)):
-            rows = [r for r, b in enumerate(bounds) if turn < len(b)]
-            chosen = [queries[r] for r in rows]
-            starts = self._prefix_lengths([pieces[r][:bounds[r][turn]] for r in rows], chosen, ids, rows)
-            if all(bounds[r][turn] == len(pieces[r]) - 1 for r in rows):  # the last answer ends the row
-                ends = mask[rows].sum(1)
-            else:
-                ends = self._prefix_lengths([pieces[r][:bounds[r][turn] + 1] for r in rows], chosen, ids, rows)
-            inside = (positions[:1] >= starts[:, None]) & (positions[:1] < ends[:, None])
-            answer[rows] |= inside & mask[rows]
-        batch["labels"] = torch.where(answer, ids, torch.full_like(ids, IGNORE_INDEX))
+        for r, row in enumerate(pieces):
+            for i, (_, is_answer) in enumerate(row):
+                if not is_answer:
+                    continue
+                start = self._prefix_length(row[:i], full[r]) + offsets[r]
+                end = self._prefix_length(row[:i + 1], full[r]) + offsets[r] if i < len(row) - 1 else int(mask[r].sum())
+                answer[r, start:end] = True
+        batch["labels"] = torch.where(answer & mask, ids, torch.full_like(ids, IGNORE_INDEX))
         return batch
 
-    def _prefix_lengths(self, prefixes: list, queries: Sequence[Query], full_ids: torch.Tensor,
-                        rows: list[int]) -> torch.Tensor:
-        """Token count of each prefix, checked to be the start of its full row."""
-        encoded = self._encode(["".join(t for t, _ in p) for p in prefixes], queries, "right")
-        lengths = encoded["attention_mask"].sum(1)
-        for i, row in enumerate(rows):
-            n = int(lengths[i])
-            if not torch.equal(encoded["input_ids"][i, :n], full_ids[row, :n]):
-                text = "".join(t for t, _ in prefixes[i])
-                raise ValueError(f"the tokenizer encodes the conversation differently from its prefix "
-                                 f"{text[-60:]!r}; the answer's labels would be shifted")
-        return lengths
+    def _prefix_length(self, prefix: list, full: list[int]) -> int:
+        """Token count of a conversation's prefix, checked to be the start of the whole conversation."""
+        text = "".join(t for t, _ in prefix)
+        encoded = self.tokenizer(text)["input_ids"]
+        if full[:len(encoded)] != encoded:
+            raise ValueError(f"the tokenizer encodes the conversation differently from its prefix {text[-60:]!r}; "
+                             "the answer's labels would be shifted")
+        return len(encoded)
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)

@@ -259,7 +259,7 @@ class ManifestFile:
                 if isinstance(obj, _Unparsable):  # reported in its place; the rest is still checked
                     issues.append(obj.message)
                     continue
-                record = convert(obj, f"{self.name}:{lineno}", self.base, checker, issues, first_seen,
+                record = convert(obj, _Line(self.name, lineno), self.base, checker, issues, first_seen,
                                  self.default_task)
                 if record is not None:
                     spans.append((start, end))
@@ -335,6 +335,21 @@ def _read_bytes(path: Path) -> bytes:
         raise ManifestError(f"{name}: is a directory, expected a .json or .jsonl manifest file") from None
     except OSError as exc:
         raise ManifestError(f"{name}: cannot read: {exc.strerror or exc}") from None
+
+
+class _Line:
+    """``FILE:LINE``, formatted only when a message or the duplicate check needs it."""
+
+    __slots__ = ("name", "lineno")
+
+    def __init__(self, name: str, lineno: int):
+        self.name, self.lineno = name, lineno
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.lineno}"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
 
 @dataclass(frozen=True)
@@ -518,10 +533,10 @@ def convert(
         rid = str(raw_id)
     elif isinstance(raw_id, str) and raw_id.strip():
         rid = raw_id
-    loc = f"{where} (id {rid})" if rid is not None else where
     problems: list[str] = []
 
-    def bad(key: str, message: str) -> None:
+    def bad(key: str, message: str) -> None:  # the location is formatted only for a record with a problem
+        loc = f"{where} (id {rid})" if rid is not None else str(where)
         problems.append(f"{loc}: {key}: {message}")
 
     if "id" not in obj:
