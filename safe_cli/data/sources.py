@@ -27,6 +27,7 @@ from .manifest import FileChecker, ManifestError, ManifestFile, Record
 AVDIGITS_SOURCES = ("synthetic", "fsdd-mnist")
 SPLITS = ("train", "validation", "test")
 RETENTION_KINDS = ("vl", "text")
+NO_TRAINING_MANIFESTS = "data.train_manifests: no training manifests given (--set data.train_manifests=[path.jsonl])"
 
 
 @lru_cache(maxsize=4)
@@ -84,7 +85,7 @@ def records_of(profile, split: str, check_files: bool = True) -> Records:
     if split == "validation":
         return training_and_validation(profile, check_files)[1]
     if split == "train":
-        raise SafeError("data.train_manifests: no training manifests given (--set data.train_manifests=[path.jsonl])")
+        raise SafeError(NO_TRAINING_MANIFESTS)
     raise SafeError("data.eval_manifests: no evaluation manifests given (--set data.eval_manifests=[path.jsonl]); "
                     "every stage ends by comparing SAFE with the base on them, the evidence that nothing regressed")
 
@@ -95,7 +96,7 @@ def training_and_validation(profile, check_files: bool = True) -> tuple[Records,
 
     train_paths = manifest_paths(profile, "train")
     if not train_paths:
-        raise SafeError("data.train_manifests: no training manifests given (--set data.train_manifests=[path.jsonl])")
+        raise SafeError(NO_TRAINING_MANIFESTS)
     train = read_records(train_paths, check_files)
     validation_paths = manifest_paths(profile, "validation")
     if validation_paths:
@@ -109,13 +110,13 @@ def make_pool(profile, records: Records | list[Record], sample_rate: int, encode
     if not isinstance(records, Records):
         records = Records.of(records)
     media = MediaLoader(sample_rate, profile.data.media_cache_mb)
+    own = records.audio_paths()
+    clips = list(distractors) if distractors is not None else own
     features = None
     if profile.data.audio_features and encoder is not None:
         from ..features.lookup import cached_clip_features
 
-        clips = sorted(set(records.audio_paths()) | set(distractors or ()))
-        features = cached_clip_features(clips, profile.data.audio_features, encoder)
-    clips = list(distractors) if distractors is not None else records.audio_paths()
+        features = cached_clip_features(sorted(set(own) | set(clips)), profile.data.audio_features, encoder)
     return RecordPool(records, media, features, clips, dict(profile.evaluation.metrics))
 
 
@@ -126,8 +127,7 @@ def evaluation_records(records: Records, seed: int, clips: Optional[Sequence[str
     A task whose records already carry clips (AV-digits' test split, or a user's own distractor
     set) is asked as written. The distractors come from the records' own clips, else ``clips``.
     """
-    tasks, has_audio = records.tasks, records.has_audio
-    kinds = np.asarray([t.split("/", 1)[0] for t in tasks], dtype=object)
+    tasks, has_audio, kinds = records.tasks, records.has_audio, records.kinds
     with_clip = {t for t, a in zip(tasks, has_audio) if a}
     twin = {t for t, k in zip(tasks, kinds) if k in RETENTION_KINDS and t not in with_clip}
     pool = records.audio_paths() or list(clips or ())
