@@ -58,6 +58,11 @@ def check(
     table.add_row("trainable: projector", f"{_count(p for p in model.projector.parameters() if p.requires_grad):,}")
     table.add_row("trainable: fusion", f"{_count(p for p in model.fusion.parameters() if p.requires_grad):,} "
                   f"(layers {model.fusion.layers}, LoRA: {model.fusion.uses_lora})")
+    prompt = model.base.prompt_format
+    if prompt is not None:  # what a real checkpoint is asked, and where its answers end: check them by eye
+        table.add_row("prompt", f"{prompt.name}: {prompt.describe()!r}")
+        tokens = model.base.processor.tokenizer.convert_ids_to_tokens(model.base.end_ids)
+        table.add_row("end of answer ids", ", ".join(f"{i} ({t!r})" for i, t in zip(model.base.end_ids, tokens)))
     table.add_row("base fingerprint", model.base_fingerprint())
     table.add_row("load time", f"{load_seconds:.1f} s on {target}")
     table.add_row("probe budgets", str(budgets))

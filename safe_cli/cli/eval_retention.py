@@ -113,7 +113,7 @@ def eval_retention(
         "data": dataset.description, "skipped": dataset.skipped,
     }
     report = build_report(
-        model, PromptBatcher(model.base, evaluation.max_new_tokens), dataset.pool, budgets=budgets, cost_model=cost_model, tolerance=tolerance, significance=evaluation.significance, bootstrap_samples=evaluation.bootstrap_samples,
+        model, PromptBatcher.for_evaluation(model.base, evaluation), dataset.pool, budgets=budgets, cost_model=cost_model, tolerance=tolerance, significance=evaluation.significance, bootstrap_samples=evaluation.bootstrap_samples,
         batch_size=batch_size or evaluation.batch_size, max_examples=max_examples or evaluation.max_examples,
         seed=seed, context=context, **decider,
     )

@@ -7,13 +7,40 @@ typo (``fusion.lyers``) is an error with its key path, never a silently ignored 
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..data.prompts import template_problem
+
+# YAML 1.1 reads an unquoted off/no/false as False and on/yes/true as True.
+FALSE_WORDS, TRUE_WORDS = ("off", "no", "false"), ("on", "yes", "true")
+
+
+def _boolean_as_choice(choices: tuple, value: bool) -> Any:
+    """The choice an unquoted YAML word meant: ``autocast: off`` arrives as False and means "off"."""
+    named = [c for c in choices if c in (TRUE_WORDS if value else FALSE_WORDS)]
+    if named:
+        return named[0]
+    falsy = [c for c in choices if c in FALSE_WORDS]
+    if value and len(choices) == 2 and falsy:  # a switch: true means the choice that is not "off"
+        return next(c for c in choices if c not in FALSE_WORDS)
+    return value
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_booleans(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            value = data.get(name)
+            if isinstance(value, bool) and get_origin(field.annotation) is Literal:
+                data = {**data, name: _boolean_as_choice(get_args(field.annotation), value)}
+        return data
 
 
 # --------------------------------------------------------------------------- base model
@@ -88,6 +115,18 @@ class BaseModelConfig(Section):
         description="Dtype of the frozen base weights. bfloat16/float16 are for GPUs; the trainable "
         "parts always stay float32.",
     )
+    prompt_template: Optional[str] = Field(
+        None,
+        description="How a question is put to the base: llava-1.5 (\"USER: <image>\\n{question} ASSISTANT:\"), "
+        "llava-1.5-short (the same with LLaVA-1.5's \"Answer the question using a single word or phrase.\"), "
+        "blip2 (\"Question: {question} Answer:\"), chat (the processor's chat template), or a format string with "
+        "{question} and optionally {image}. Default: llava-1.5 for tiny-llava, llava-1.5-short for hf-llava, "
+        "blip2 for hf-blip2.",
+    )
+    end_of_answer_ids: Optional[list[int]] = Field(
+        None, description="Token ids that end an answer (the first one ends training answers). Default: the "
+        "checkpoint's generation_config eos_token_id, else its text config's, else the tokenizer's.",
+    )
     tiny: TinyLlavaConfig = Field(default_factory=TinyLlavaConfig, description="Dimensions for tiny-llava.")
     seed: int = Field(0, description="Initialisation seed of the tiny-llava weights (before its pretraining).")
     vision_pretrain: PretrainConfig = Field(
@@ -105,6 +144,14 @@ class BaseModelConfig(Section):
         if self.kind != "tiny-llava" and not self.name_or_path:
             raise ValueError(f"name_or_path is required when kind is {self.kind!r}")
         return self
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _usable_template(cls, value: Optional[str]) -> Optional[str]:
+        problem = None if value is None else template_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 # --------------------------------------------------------------------------- audio
@@ -454,8 +501,13 @@ class EvaluationConfig(Section):
     bootstrap_samples: int = Field(2000, ge=100, description="Paired bootstrap resamples for the 95% interval.")
     max_examples: Optional[int] = Field(None, ge=1, description="Cap on examples per task (None = all).")
     batch_size: int = Field(32, ge=1, description="Evaluation batch size.")
-    max_new_tokens: int = Field(
-        16, ge=1, description="Longest generated answer in tokens (greedy decoding stops earlier at end of sequence)."
+    max_new_tokens: Optional[int] = Field(
+        None, ge=1, description="Longest generated answer in tokens (greedy decoding stops earlier at the end of "
+        "the answer). None: per batch, its longest reference answer in tokens plus 5 (16 without references).",
+    )
+    task_max_new_tokens: dict[str, int] = Field(
+        default_factory=dict, description="Longest generated answer per task or kind (a task's own entry wins), "
+        "over max_new_tokens.",
     )
     metrics: dict[str, Literal["exact", "contains", "token_f1", "bleu", "chrf", "wer"]] = Field(
         default_factory=dict, description="Score per task or kind (a task's own entry wins), default exact: exact "

@@ -1,11 +1,10 @@
 """Questions (+ images) -> the base model's inputs, through the base's own processor.
 
-One place knows each base kind's prompt format:
+The base decides the prompt (``data/prompts.py``: LLaVA-1.5's "USER: <image>\\n{question}
+ASSISTANT:", its short-answer variant, BLIP-2's "Question: {question} Answer:", the processor's
+chat template or the profile's own) and the ids that end an answer (its generation config's).
 
-    LLaVA (1.5 and the built-in tiny one)  "USER: <image>\\n{question} ASSISTANT:"
-    BLIP-2                                 "Question: {question} Answer:"
-
-A multi-turn record repeats the pattern, each earlier answer followed by the end-of-sequence
+A multi-turn record repeats the pattern, each earlier answer followed by the end-of-answer
 token ("USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT:"); an optional system turn
 comes first. Training batches label every answer and its terminator (everything else is
 -100), as LLaVA trains on every assistant turn; generation batches are left-padded so every
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100
+DEFAULT_MAX_NEW_TOKENS = 16  # when neither the profile nor any reference says how long an answer is
 
 
 @dataclass(frozen=True)
@@ -48,35 +48,51 @@ def _pil(image: Any):
 class PromptBatcher:
     """Builds model inputs for one base (its kind decides the prompt, its processor the tokens)."""
 
-    def __init__(self, base, max_new_tokens: int = 16):
+    def __init__(self, base, max_new_tokens: Optional[int] = 16, task_max_new_tokens: Optional[dict] = None):
         if base.processor is None:
             raise ValueError(f"the {base.kind} base has no processor; it cannot turn questions into inputs")
         self.kind = base.kind
         self.processor = base.processor
         self.tokenizer = base.processor.tokenizer
+        self.format = base.prompt_format
+        self.end_ids = list(base.end_ids)
         self.device = next(base.model.parameters()).device
         self.dtype = next(base.model.parameters()).dtype
         self.image_size = base.model.config.vision_config.image_size
-        self.max_new_tokens = max_new_tokens  # generation's cap; the longest answer the data expects
+        # None: from each batch's references (answer_budget); a task's (or kind's) own entry wins.
+        self.max_new_tokens = max_new_tokens
+        self.task_max_new_tokens = dict(task_max_new_tokens or {})
 
-    def _turn(self, question: str, first: bool, has_image: bool) -> str:
-        if self.kind == "hf-blip2":
-            return f"Question: {question} Answer:"
-        image = "<image>\n" if first and has_image else ""
-        return f"USER: {image}{question} ASSISTANT:"
+    @classmethod
+    def for_evaluation(cls, base, evaluation) -> "PromptBatcher":
+        """With the profile's answer lengths (``evaluation.max_new_tokens`` / ``task_max_new_tokens``)."""
+        return cls(base, evaluation.max_new_tokens, evaluation.task_max_new_tokens)
 
     def segments(self, query: Query, with_answer: bool) -> list[tuple[str, bool]]:
         """The conversation as (text, is an answer) pieces; joined, they are the model's input."""
-        eos = self.tokenizer.eos_token
-        pieces: list[tuple[str, bool]] = []
-        if query.system:
-            pieces.append((query.system + " ", False))
-        exchanges = list(query.history) + [(query.question, query.answer if with_answer else None)]
-        for i, (question, answer) in enumerate(exchanges):
-            pieces.append((self._turn(question, i == 0, query.image is not None), False))
-            if answer is not None:
-                pieces.append((f" {answer}{eos}", True))
-        return pieces
+        return self.format.segments(query.question, query.history, query.system, query.image is not None,
+                                    query.answer if with_answer else None)
+
+    def answer_budget(self, references: Sequence[str], spare: int = 4) -> Optional[int]:
+        """New tokens enough for the longest of ``references``, its end token and ``spare`` more.
+
+        An answer that runs on past its reference is cut a few tokens later and scored as it is,
+        wrong; one that needs every token of a long reference gets them. None without references.
+        """
+        if not references:
+            return None
+        encoded = self.tokenizer([" " + ref for ref in references], add_special_tokens=False)["input_ids"]
+        return max(len(ids) for ids in encoded) + 1 + spare
+
+    def new_tokens(self, tasks: Sequence[str], references: Sequence[Sequence[str]]) -> int:
+        """Generation's length for a batch of rows of these tasks with these reference answers."""
+        fixed = [self.task_max_new_tokens.get(task, self.task_max_new_tokens.get(task.split("/", 1)[0]))
+                 for task in tasks]
+        free = [refs for refs, n in zip(references, fixed) if n is None]
+        from_data = [] if not free else [
+            self.max_new_tokens if self.max_new_tokens is not None
+            else self.answer_budget([ref for refs in free for ref in refs]) or DEFAULT_MAX_NEW_TOKENS]
+        return max([n for n in fixed if n is not None] + from_data)
 
     def prompt(self, query: Query) -> str:
         return "".join(text for text, _ in self.segments(query, with_answer=False))
@@ -131,7 +147,12 @@ class PromptBatcher:
         return len(encoded)
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
-        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        """Each row's text up to its first end-of-answer id (BLIP-2's newline is no special token)."""
+        rows = []
+        for row in token_ids.tolist():
+            cut = next((i for i, token in enumerate(row) if token in self.end_ids), len(row))
+            rows.append(row[:cut])
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
 
@@ -139,9 +160,10 @@ class PromptBatcher:
 def generate_answers(model, batcher: PromptBatcher, queries: Sequence[Query], max_new_tokens: Optional[int] = None,
                      **extra: Any) -> list[str]:
     """Greedy answers of ``model`` (a Hugging Face model with ``generate``) to ``queries``."""
-    max_new_tokens = batcher.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = batcher.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     batch = batcher.for_generation(queries)
-    eos = batcher.tokenizer.eos_token_id
+    pad = batcher.tokenizer.pad_token_id
     output = model.generate(**batch, **extra, max_new_tokens=max_new_tokens, do_sample=False,
-                            eos_token_id=eos, pad_token_id=batcher.tokenizer.pad_token_id)
+                            eos_token_id=batcher.end_ids, pad_token_id=batcher.end_ids[0] if pad is None else pad)
     return batcher.decode(output[:, batch["input_ids"].shape[1]:])

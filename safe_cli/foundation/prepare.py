@@ -72,7 +72,7 @@ def _fingerprint(source: str, root: Optional[str]) -> str:
 
 
 def base_spec(profile: Profile) -> dict:
-    return {
+    spec = {
         "recipe": pretrain.RECIPE_VERSION,
         "kind": "tiny-llava",
         "tiny": profile.base.tiny.model_dump(),
@@ -81,6 +81,11 @@ def base_spec(profile: Profile) -> dict:
         "seed": profile.base.seed,
         "data": _data_spec(profile),
     }
+    # The base is pretrained in its prompt format; only a non-default one changes the key.
+    for key in ("prompt_template", "end_of_answer_ids"):
+        if getattr(profile.base, key) is not None:
+            spec[key] = getattr(profile.base, key)
+    return spec
 
 
 def prepare_base(profile: Profile) -> tuple[Path, bool]:
@@ -93,7 +98,7 @@ def prepare_base(profile: Profile) -> tuple[Path, bool]:
         sources = load_sources(profile, "train")
         model = pretrain.build_tiny_llava(profile.base.tiny, profile.base.seed)
         processor = build_processor(profile.base.tiny)
-        base = _wrap_tiny(model, processor)
+        base = _wrap_tiny(model, processor, profile)
         examples = avdigits.make_examples(
             sources.images, sources.clips, profile.data.num_train, profile.seed, "train",
             tasks=[t for t in avdigits.TASKS if t.split("/")[0] in ("vl", "text")], retention=False,
@@ -114,10 +119,10 @@ def prepare_base(profile: Profile) -> tuple[Path, bool]:
     return cached_directory("tiny-llava", base_spec(profile), build)
 
 
-def _wrap_tiny(model, processor) -> BaseVLModel:
+def _wrap_tiny(model, processor, profile: Profile) -> BaseVLModel:
     from ..models.base import _wrap
 
-    return _wrap("tiny-llava", model, processor)
+    return _wrap("tiny-llava", model, processor, profile.base.prompt_template, profile.base.end_of_answer_ids)
 
 
 # --------------------------------------------------------------------------- audio encoder
@@ -170,7 +175,9 @@ def load_prepared_models(profile: Profile, device: Union[str, torch.device] = "c
     hf_logging.disable_progress_bar()  # our own bars say what happens; HF's per-shard bars are noise
     if profile.base.kind == "tiny-llava":
         directory, _ = prepare_base(profile)
-        base = load_base_from_directory("tiny-llava", directory, profile.base.dtype, device)
+        base = load_base_from_directory("tiny-llava", directory, profile.base.dtype, device,
+                                        prompt_template=profile.base.prompt_template,
+                                        end_of_answer=profile.base.end_of_answer_ids)
     else:
         base = load_base(profile.base, device)
     return base, load_prepared_audio_encoder(profile, device)

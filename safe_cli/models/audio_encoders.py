@@ -5,8 +5,8 @@ tensors, any lengths) and returns features of shape (B, T, D):
 
     whisper                 (B, 1500, d_model)             whisper's 30 s window, 20 ms frames
     tiny-whisper            (B, 50 * window, d_model)      the same frames over a shorter window
-    clap                    (B, 1, projection_dim)          the pooled, projected CLAP embedding
-    both                    (B, 1500, d_model + proj_dim)   the CLAP embedding joined to every frame
+    clap                    (B, 32, 768)                    HTSAT's time steps over its 10 s window
+    both                    (B, 1500, d_model + proj_dim)   the pooled CLAP embedding joined to every frame
 
 Whisper encoders trimmed to the clip (``trim_to_clip``) return (B, T, ...) instead, T the
 batch's longest clip rounded up to whole seconds (see :class:`WhisperEncoder`);
@@ -231,16 +231,41 @@ class WhisperEncoder(AudioEncoder):
         return out
 
 
+def clap_frame_shape(audio_config) -> tuple[int, int]:
+    """(time steps, width) of the HTSAT audio tower's last feature map, before it is pooled.
+
+    HTSAT folds the 1,024 x 64 mel window into a 256 x 256 image (``freq_ratio`` = 4 time
+    chunks stacked on the frequency axis), patches it at ``patch_stride`` and halves it at each
+    stage after the first. Its last map, (width, 2, 32) for laion's CLAP, is unfolded back into
+    time by ``ClapAudioEncoder``: 32 steps of about 0.31 s, 768 wide.
+    """
+    stages = len(audio_config.depths)
+    side = audio_config.spec_size // 2 ** (stages - 1) // audio_config.patch_stride[0]
+    freq_ratio = audio_config.spec_size // audio_config.num_mel_bins
+    bins = side // freq_ratio  # frequency bins left per time chunk
+    width = int(audio_config.patch_embeds_hidden_size * 2 ** (stages - 1))
+    return (side // bins) * side, width
+
+
 class ClapEncoder(AudioEncoder):
-    """The audio tower of a transformers ``ClapModel``, pooled and projected: (B, 1, projection_dim)."""
+    """The audio tower of a transformers ``ClapModel``, time-resolved: (B, time steps, width).
+
+    CLAP's own embedding is one pooled, L2-normalised vector per clip; k projector tokens read
+    from one vector would all be functions of it, and budgets 4, 8 and 12 would cost more for no
+    more information. So the encoder returns the tower's last feature map before pooling,
+    averaged over its frequency bins: one vector per ~0.31 s of the 10 s window (the
+    ``embedding`` method still gives the pooled vector).
+    """
 
     sample_rate = 48_000
+    variant = "frames"  # the features are the tower's time steps, not the pooled embedding
 
     def __init__(self, model: nn.Module, feature_extractor):
         super().__init__()
         self.model = model
         self.feature_extractor = feature_extractor
-        self.feature_dim = model.config.projection_dim
+        self.frames, self.feature_dim = clap_frame_shape(model.config.audio_config)
+        self.projection_dim = model.config.projection_dim
         # Unfused checkpoints take one mel channel; "fusion" truncation makes four.
         self.truncation = "fusion" if model.config.audio_config.enable_fusion else "rand_trunc"
         self.max_samples = int(feature_extractor.nb_max_samples)
@@ -258,7 +283,7 @@ class ClapEncoder(AudioEncoder):
             raise SafeError(f"audio_encoder.clap.name_or_path: cannot load {name_or_path!r}: {exc}") from exc
         return cls(model.to(device), extractor)
 
-    def forward(self, waves: Sequence[Waveform]) -> torch.Tensor:
+    def _inputs(self, waves: Sequence[Waveform]) -> dict:
         # Cut to the extractor's window ourselves: "rand_trunc" would otherwise crop at random.
         clips = [_as_tensor(w)[: self.max_samples].numpy() for w in waves]
         inputs = self.feature_extractor(
@@ -266,9 +291,16 @@ class ClapEncoder(AudioEncoder):
         )
         features = inputs["input_features"].to(self.device, dtype=next(self.model.parameters()).dtype)
         kwargs = {"is_longer": inputs["is_longer"].to(self.device)} if self.truncation == "fusion" else {}
-        output = self.model.get_audio_features(input_features=features, **kwargs)
-        embedding = output if torch.is_tensor(output) else output.pooler_output  # tensor before transformers 5
-        return embedding.unsqueeze(1)
+        return {"input_features": features, **kwargs}
+
+    def forward(self, waves: Sequence[Waveform]) -> torch.Tensor:
+        feature_map = self.model.audio_model(**self._inputs(waves)).last_hidden_state  # (B, width, freq, time)
+        return feature_map.mean(2).transpose(1, 2)
+
+    def embedding(self, waves: Sequence[Waveform]) -> torch.Tensor:
+        """CLAP's own clip embedding: pooled, projected, L2-normalised, (B, projection_dim)."""
+        output = self.model.get_audio_features(**self._inputs(waves))
+        return output if torch.is_tensor(output) else output.pooler_output  # a tensor before transformers 5
 
 
 class WhisperClapEncoder(AudioEncoder):
@@ -280,7 +312,7 @@ class WhisperClapEncoder(AudioEncoder):
         super().__init__()
         self.whisper = whisper_encoder
         self.clap = clap_encoder
-        self.feature_dim = whisper_encoder.feature_dim + clap_encoder.feature_dim
+        self.feature_dim = whisper_encoder.feature_dim + clap_encoder.projection_dim
         self.freeze()
 
     @property
@@ -296,7 +328,7 @@ class WhisperClapEncoder(AudioEncoder):
         frames = self.whisper(waves)
         ratio = ClapEncoder.sample_rate // WHISPER_SAMPLE_RATE
         upsampled = [resample_poly(_as_tensor(w).numpy(), ratio, 1).astype(np.float32) for w in waves]
-        pooled = self.clap(upsampled).to(frames.dtype)
+        pooled = self.clap.embedding(upsampled).to(frames.dtype)[:, None]
         return torch.cat([frames, pooled.expand(-1, frames.shape[1], -1)], dim=-1)
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config.schema import BaseModelConfig, TinyLlavaConfig
+from ..data.prompts import PromptFormat, end_of_answer_ids
 from ..errors import SafeError
 from .fingerprint import fingerprint_module
 from .sources import pretrained_source
@@ -40,6 +41,9 @@ class BaseVLModel:
     attention_bias: bool
     image_token_id: int
     num_image_tokens: int
+    # How questions are put to it and which ids end its answers (data/prompts.py); None without a processor.
+    prompt_format: Optional[PromptFormat] = None
+    end_ids: Optional[list[int]] = None
 
     @property
     def num_layers(self) -> int:
@@ -122,7 +126,8 @@ def _blip2_layers(model: nn.Module) -> nn.ModuleList:
     return decoder.layers
 
 
-def _wrap(kind: str, model: nn.Module, processor: Optional[Any]) -> BaseVLModel:
+def _wrap(kind: str, model: nn.Module, processor: Optional[Any], prompt_template: Optional[str] = None,
+          end_of_answer: Optional[list[int]] = None) -> BaseVLModel:
     config = model.config
     text = config.text_config
     hidden = text.hidden_size
@@ -144,10 +149,20 @@ def _wrap(kind: str, model: nn.Module, processor: Optional[Any]) -> BaseVLModel:
         image_token_id = config.image_token_id if hasattr(config, "image_token_id") else config.image_token_index
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         bias = bool(getattr(text, "attention_bias", False))
+    prompt_format = end_ids = None
+    if processor is not None:
+        end_ids = end_of_answer_ids(model, processor.tokenizer, end_of_answer)
+        try:
+            prompt_format = PromptFormat.for_base(kind, processor, end_ids, prompt_template)
+        except ValueError as exc:
+            raise SafeError(str(exc)) from exc
+        check_processor(kind, processor, prompt_format, image_token_id, num_image_tokens, config)
     return BaseVLModel(
         kind=kind,
         model=freeze(model),
         processor=processor,
+        prompt_format=prompt_format,
+        end_ids=end_ids,
         decoder_layers=layers,
         hidden_size=hidden,
         num_attention_heads=heads,
@@ -159,14 +174,60 @@ def _wrap(kind: str, model: nn.Module, processor: Optional[Any]) -> BaseVLModel:
     )
 
 
-def _load_processor(name_or_path: str, revision: Optional[str]) -> Optional[Any]:
+def check_processor(kind: str, processor: Any, prompt_format: PromptFormat, image_token_id: int,
+                    num_image_tokens: int, config: Any) -> None:
+    """The processor must turn one image into the image tokens the model's config expects.
+
+    A BLIP-2 processor saved without ``num_query_tokens`` (an old snapshot, a pinned revision)
+    silently drops the image under transformers 5, and a LLaVA processor whose patch size or
+    crop differs from the vision config gives a count the model refuses mid-forward.
+    """
+    from PIL import Image
+
+    side = int(getattr(config.vision_config, "image_size", 32))
+    prompt = "".join(text for text, _ in prompt_format.segments("?", (), None, True, None))
+    try:
+        ids = processor(text=[prompt], images=[Image.new("RGB", (side, side))], return_tensors="pt")["input_ids"]
+        found = int((ids == image_token_id).sum())
+    except Exception as exc:  # noqa: BLE001 - any failure here is a processor/model mismatch to name
+        raise SafeError(f"the {kind} processor cannot encode a question with an image for this model: {exc}") from exc
+    if found != num_image_tokens:
+        details = ""
+        if kind == "hf-blip2":
+            details = (f" (processor num_query_tokens = {getattr(processor, 'num_query_tokens', None)}, "
+                       f"config num_query_tokens = {config.num_query_tokens})")
+        else:
+            details = (f" (processor patch_size = {getattr(processor, 'patch_size', None)}, config vision "
+                       f"image_size = {side}, patch_size = {getattr(config.vision_config, 'patch_size', None)})")
+        raise SafeError(f"the {kind} processor turns one image into {found} image tokens (id {image_token_id}) "
+                        f"but the model's config expects {num_image_tokens}{details}; the processor and the "
+                        "checkpoint do not belong together: save the processor that matches the model")
+
+
+def _load_processor(name_or_path: Any, revision: Optional[str]) -> Optional[Any]:
+    """The checkpoint's processor; None only when the checkpoint has none at all (ids-only use)."""
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(name_or_path, revision=revision)
-    except (OSError, ValueError, TypeError, KeyError):
-        # A checkpoint saved without its processor still serves callers that pass token ids.
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        if _has_processor_files(name_or_path):
+            # The files are there but do not load: that cause is what the user needs to see.
+            raise SafeError(f"base.name_or_path: the processor of {str(name_or_path)!r} does not load: "
+                            f"{type(exc).__name__}: {exc}") from exc
         return None
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def _has_processor_files(name_or_path: Any) -> bool:
+    from pathlib import Path
+
+    directory = Path(str(name_or_path))
+    if not directory.is_dir():
+        return True  # a hub id whose model loaded: its processor's failure is the news
+    return any((directory / name).exists() for name in PROCESSOR_FILES)
 
 
 def load_base(cfg: BaseModelConfig, device: str | torch.device = "cpu") -> BaseVLModel:
@@ -181,7 +242,8 @@ def load_base(cfg: BaseModelConfig, device: str | torch.device = "cpu") -> BaseV
         return _wrap("tiny-llava", model.to(device=device, dtype=dtype), None)
 
     source = pretrained_source(cfg.name_or_path or "", "base.name_or_path")
-    return load_base_from_directory(cfg.kind, source, cfg.dtype, device, cfg.revision, cfg.name_or_path)
+    return load_base_from_directory(cfg.kind, source, cfg.dtype, device, cfg.revision, cfg.name_or_path,
+                                    cfg.prompt_template, cfg.end_of_answer_ids)
 
 
 def load_base_from_directory(
@@ -191,13 +253,20 @@ def load_base_from_directory(
     device: str | torch.device = "cpu",
     revision: Optional[str] = None,
     name: Optional[str] = None,
+    prompt_template: Optional[str] = None,
+    end_of_answer: Optional[list[int]] = None,
 ) -> BaseVLModel:
-    """``from_pretrained`` of a LLaVA (also the built-in tiny one, once pretrained) or BLIP-2, frozen."""
+    """``from_pretrained`` of a LLaVA (also the built-in tiny one, once pretrained) or BLIP-2, frozen.
+
+    The weights are read straight onto ``device`` (``device_map``), one shard at a time, so a 13B
+    base in bfloat16 needs its 26 GB on the GPU, not first in host memory as well.
+    """
     from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
     model_class = Blip2ForConditionalGeneration if kind == "hf-blip2" else LlavaForConditionalGeneration
+    target = torch.device(device)
     try:
-        model = model_class.from_pretrained(source, revision=revision, dtype=DTYPES[dtype])
+        model = model_class.from_pretrained(source, revision=revision, dtype=DTYPES[dtype], device_map=target)
     except (OSError, ValueError) as exc:
         raise SafeError(f"base.name_or_path: cannot load {kind} model from {name or source!r}: {exc}") from exc
-    return _wrap(kind, model.to(device), _load_processor(source, revision))
+    return _wrap(kind, model, _load_processor(source, revision), prompt_template, end_of_answer)

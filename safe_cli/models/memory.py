@@ -244,8 +244,11 @@ def _meta_whisper(mels: int, ctx: int, state: int, heads: int, layers: int) -> i
         return _count(WhisperAudioEncoder(n_mels=mels, n_ctx=ctx, n_state=state, n_head=heads, n_layer=layers))
 
 
-def _clap_shape(name: str) -> tuple[int, int]:
-    """(parameters of the whole ClapModel, projection_dim): ClapEncoder keeps the whole model."""
+def _clap_shape(name: str) -> tuple[int, int, int, int]:
+    """(parameters of the whole ClapModel, its time steps, their width, projection_dim):
+    ClapEncoder keeps the whole model and returns the tower's time steps (``clap_frame_shape``)."""
+    from .audio_encoders import clap_frame_shape
+
     from transformers import ClapModel
 
     directory = _local_dir(name)
@@ -258,7 +261,8 @@ def _clap_shape(name: str) -> tuple[int, int]:
         config = _known(KNOWN_CLAP, name, key)
     with torch.device("meta"):
         model = ClapModel(config)
-    return _count(model), config.projection_dim
+    frames, width = clap_frame_shape(config.audio_config)
+    return _count(model), frames, width, config.projection_dim
 
 
 def encoder_shape(cfg: AudioEncoderConfig, max_audio_seconds: float) -> EncoderShape:
@@ -282,9 +286,9 @@ def encoder_shape(cfg: AudioEncoderConfig, max_audio_seconds: float) -> EncoderS
     if cfg.kind == "whisper":
         params, width, frames = whisper_part(*_whisper_dims(cfg.whisper.name_or_path))
         return EncoderShape(cfg.kind, params, dtype, width, frames, width, frames)
-    clap_params, clap_dim = _clap_shape(cfg.clap.name_or_path)
+    clap_params, clap_frames, clap_width, clap_dim = _clap_shape(cfg.clap.name_or_path)
     if cfg.kind == "clap":
-        return EncoderShape(cfg.kind, clap_params, dtype, clap_dim, 1, 0, 0)
+        return EncoderShape(cfg.kind, clap_params, dtype, clap_width, clap_frames, 0, 0)
     params, width, frames = whisper_part(*_whisper_dims(cfg.whisper.name_or_path))
     return EncoderShape(cfg.kind, params + clap_params, dtype, width + clap_dim, frames, width, frames)
 

@@ -18,8 +18,27 @@ from torch import nn
 
 from .audio_encoders import AudioEncoder, Waveform
 from .base import BaseVLModel
-from .fusion_adapter import FusionAdapter
+from .fusion_adapter import AudioReadout, FusionAdapter
 from .projectors import AudioProjector
+
+
+def repeat_rows(rows: Optional[torch.Tensor], factor: int) -> Optional[torch.Tensor]:
+    """Indices of ``rows`` in a batch whose every example is repeated ``factor`` times in a row."""
+    if rows is None or factor == 1:
+        return rows
+    return (rows[:, None] * factor + torch.arange(factor, device=rows.device)).reshape(-1)
+
+
+def repeat_readout(readout: AudioReadout, factor: int) -> AudioReadout:
+    if factor == 1:
+        return readout
+
+    def repeat(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if tensor is None else tensor.repeat_interleave(factor, dim=0)
+
+    # out_bias is the block's own, one for every row.
+    return readout._replace(keys=repeat(readout.keys), values=repeat(readout.values),
+                            key_mask=repeat(readout.key_mask), key_bias=repeat(readout.key_bias))
 
 
 class SAFEModel(nn.Module):
@@ -115,27 +134,48 @@ class SAFEModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     @contextlib.contextmanager
-    def _fusion_hooks(self, rows: Optional[torch.Tensor], tokens: torch.Tensor, mask: Optional[torch.Tensor]):
-        """Fuse audio into the output of each chosen decoder layer; ``rows`` None means every row."""
+    def _fusion_hooks(self, batch: int, rows: Optional[torch.Tensor], tokens: torch.Tensor,
+                      mask: Optional[torch.Tensor]):
+        """Fuse audio into the output of each chosen decoder layer; ``rows`` None means every row.
+
+        ``generate`` with beams or several return sequences runs the layers on ``batch * n``
+        rows, each example repeated n times in a row (``repeat_interleave``, as Hugging Face
+        expands its inputs); the hooks expand their rows and readouts to match, so every copy of
+        an example fuses that example's audio and the copies of a budget-0 example stay the base's.
+        """
         handles = []
         dtype = self.projector.queries.dtype
         # What each block reads from the audio does not depend on the text: read it once here,
         # not in the hook (which generate() runs at every decoding step).
         with self._autocast(tokens.device):
             readouts = {layer: self.fusion.block(layer).read_audio(tokens, mask) for layer in self.fusion.layers}
-        for layer in self.fusion.layers:
-            block, readout = self.fusion.block(layer), readouts[layer]
+        expanded: dict[tuple[int, int], tuple[Optional[torch.Tensor], AudioReadout]] = {}
 
-            def hook(module, args, output, block=block, readout=readout):
+        def for_rows(layer: int, size: int) -> tuple[Optional[torch.Tensor], AudioReadout]:
+            factor, rest = divmod(size, batch)
+            if rest or not factor:
+                raise RuntimeError(f"a fused layer saw {size} rows for a batch of {batch}; SAFE follows generate's "
+                                   "beam and sampling expansion (each example repeated), not this one")
+            key = (layer, factor)
+            if key not in expanded:
+                expanded[key] = (repeat_rows(rows, factor), repeat_readout(readouts[layer], factor))
+            return expanded[key]
+
+        for layer in self.fusion.layers:
+            block = self.fusion.block(layer)
+
+            def hook(module, args, output, block=block, layer=layer):
                 hidden = output[0] if isinstance(output, tuple) else output
+                layer_rows, readout = for_rows(layer, hidden.shape[0])
                 # The block's residual stream runs in the trainable parts' dtype (float32), also
                 # under autocast, where only its matrix products drop to bfloat16.
                 with self._autocast(hidden.device):
-                    if rows is None:
+                    if layer_rows is None:
                         merged = block.fuse(hidden.to(dtype), readout).to(hidden.dtype)
                     else:
-                        fused = block.fuse(hidden.index_select(0, rows).to(dtype), readout).to(hidden.dtype)
-                        merged = hidden.index_copy(0, rows, fused)
+                        fused = block.fuse(hidden.index_select(0, layer_rows).to(dtype), readout)
+                if layer_rows is not None:  # outside autocast: the copy keeps the base's dtype exactly
+                    merged = hidden.index_copy(0, layer_rows, fused.to(hidden.dtype))
                 return (merged,) + tuple(output[1:]) if isinstance(output, tuple) else merged
 
             handles.append(self.base.decoder_layers[layer].register_forward_hook(hook))
@@ -219,5 +259,5 @@ class SAFEModel(nn.Module):
         tokens = self._project_audio(max(row_budgets), row_audio, select(audio_features), select(audio_frame_mask))
         # Every fused row using all k_max tokens (the common case) needs no key mask.
         mask = None if len(set(row_budgets)) == 1 else self._token_mask(select(token_budget), tokens.shape[1]).to(tokens.device)
-        with self._fusion_hooks(rows, tokens, mask):
+        with self._fusion_hooks(batch, rows, tokens, mask):
             yield

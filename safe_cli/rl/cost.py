@@ -78,7 +78,7 @@ def whisper_dims(encoder: WhisperEncoder) -> WhisperDims:
 
 
 def clap_flops(encoder: ClapEncoder) -> float:
-    """FLOPs of one clip through CLAP's audio tower and projection, measured by torch's counter."""
+    """FLOPs of one clip through CLAP's audio tower (to its time steps), measured by torch's counter."""
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -160,10 +160,10 @@ class AudioCostModel:
             elif isinstance(part, ClapEncoder):
                 flops = clap_flops(part)
                 counters.append(lambda seconds, flops=flops: flops)
+                if len(parts) == 1:  # CLAP alone: the tower's time steps, whatever the clip's length
+                    frames = lambda seconds, steps=part.frames: steps  # noqa: E731
             else:
                 raise ValueError(f"no cost formula for audio encoder {type(part).__name__}")
-        if frames is None:
-            frames = lambda seconds: 1  # noqa: E731 (CLAP alone: one pooled vector per clip)
         return cls(lambda seconds: sum(c(seconds) for c in counters), frames,
                    fusion_dims(projector, fusion), max_budget)
 

@@ -58,6 +58,8 @@ def generate_safe_answers(model, batcher: PromptBatcher, pool: RecordPool, chose
     """Greedy answers of the SAFE model, each row with ``budget`` audio tokens (one for all rows, or
     one per row) if it has a clip."""
     per_row = [budget] * len(chosen) if isinstance(budget, int) else [int(b) for b in budget]
+    if max_new_tokens is None:
+        max_new_tokens = batcher.new_tokens([r.task for r in chosen], [r.answers for r in chosen])
     budgets = torch.as_tensor([b if r.audio is not None else 0 for b, r in zip(per_row, chosen)],
                               device=batcher.device)
     return generate_answers(model, batcher, pool.queries(chosen, with_answers=False), max_new_tokens,

@@ -153,7 +153,7 @@ class StageATrainer:
         base, encoder = load_prepared_models(profile, self.device)
         projector, fusion = build_trainable(profile, base, encoder.feature_dim, self.seed)
         self.model = apply_precision(SAFEModel(base, projector, fusion, encoder).to(self.device), profile)
-        self.batcher = PromptBatcher(base, profile.evaluation.max_new_tokens)
+        self.batcher = PromptBatcher.for_evaluation(base, profile.evaluation)
         self.base_fingerprint = self.model.base_fingerprint()
         self.positive_budgets = [b for b in profile.policy.token_budgets if b > 0]
         self.max_budget = max(self.positive_budgets)

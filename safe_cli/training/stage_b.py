@@ -178,7 +178,7 @@ class StageBTrainer:
                             f"{train_records.counts()}")
         trained = locate(self.stage_a_dir)
         self.model = load_trained_model(trained, profile, self.device)
-        self.batcher = PromptBatcher(self.model.base, profile.evaluation.max_new_tokens)
+        self.batcher = PromptBatcher.for_evaluation(self.model.base, profile.evaluation)
         self.base_fingerprint = self.model.base_fingerprint()
         self.budgets = list(profile.policy.token_budgets)
         self.max_budget = max(self.budgets)

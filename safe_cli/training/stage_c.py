@@ -125,7 +125,7 @@ class StageCDistiller:
         profile = self.profile
         trained = locate(self.stage_b_dir)  # Stage B's tuned adapters if it wrote them, else Stage A's
         self.model = load_trained_model(trained, profile, self.device)
-        self.batcher = PromptBatcher(self.model.base, profile.evaluation.max_new_tokens)
+        self.batcher = PromptBatcher.for_evaluation(self.model.base, profile.evaluation)
         self.base_fingerprint = self.model.base_fingerprint()
         self.rate = self.model.audio_encoder.sample_rate
         self.budgets = list(profile.policy.token_budgets)
