@@ -37,9 +37,10 @@ from safe_cli.training.stage_a import train_stage_a
 
 from conftest import FAST
 
-REPORT_KEYS = {"schema", "variant", "tolerance", "verdict", "tasks", "bypass", "efficiency"}
+REPORT_KEYS = {"schema", "variant", "tolerance", "verdict", "tasks", "bypass", "efficiency", "rule", "rule_text",
+               "confidence", "correction", "regressions", "inconclusive"}
 TASK_KEYS = {"task", "kind", "with_audio", "n", "base_accuracy", "safe_accuracy", "delta", "ci95", "p_value",
-             "regressed"}
+             "regressed", "lower_bound", "bound_method", "p_holm", "verdict_task"}
 
 
 # --------------------------------------------------------------------------- statistics
@@ -209,10 +210,24 @@ def rows(report):
 
 def test_an_identity_adapter_passes_the_gate(run, base_answered_manifest, tmp_path):
     healthy = variant_of(run, tmp_path, silence_adapters)
-    result = invoke(healthy, "--data", base_answered_manifest, "--fail-on-regression", "--out", tmp_path / "out")
+    # A dozen identical answers per task cannot show that nothing dropped by more than 0.5 points:
+    # non-inferiority (the default) calls the distractor tasks inconclusive and says what they need.
+    result = invoke(healthy, "--data", base_answered_manifest, "--fail-on-regression", "--out", tmp_path / "ni")
+    assert result.exit_code == 1, result.output
+    assert "verdict: inconclusive (non-inferiority)" in " ".join(result.output.split())
+    assert "would decide it with 80% power" in " ".join(result.output.split())
+    report = json.loads((tmp_path / "ni" / "report.json").read_text())
+    assert report["verdict"] == "inconclusive" and "vl/scene + distractor" in report["inconclusive"]
+    assert rows(report)[("vl/scene", True)]["examples_needed"] == 539
+    # Without a clip SAFE is the base by the bit-exact bypass: non-inferior with a dozen examples.
+    assert rows(report)[("vl/scene", False)]["verdict_task"] == "non-inferior"
+    # The old rule only asks whether harm was shown: none was.
+    result = invoke(healthy, "--data", base_answered_manifest, "--fail-on-regression", "--rule", "significant-harm",
+                    "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert REPORT_KEYS <= set(report) and report["schema"] == "safe.retention-report/1"
+    assert REPORT_KEYS <= set(report) and report["schema"] == "safe.retention-report/2"
+    assert report["rule"] == "significant-harm" and report["correction"] == "holm"
     assert all(TASK_KEYS <= set(t) for t in report["tasks"])
     assert report["verdict"] == "pass" and report["bypass"]["bit_exact"] is True
     assert report["bypass"]["max_abs_logit_diff"] == 0.0 and report["bypass"]["n"] >= 18
@@ -230,6 +245,7 @@ def test_an_identity_adapter_passes_the_gate(run, base_answered_manifest, tmp_pa
     assert {p["strategy"] for p in report["strategies"]} == {"always-0", "always-4", "always-8", "always-12", "oracle"}
     assert (tmp_path / "out" / "deltas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "**Verdict: pass**" in (tmp_path / "out" / "report.md").read_text()
+    assert "*inconclusive* (needs ~539)" in (tmp_path / "ni" / "report.md").read_text()
 
 
 def test_an_adapter_that_hurts_answers_with_audio_is_a_regression(run, base_answered_manifest, tmp_path):
@@ -310,5 +326,6 @@ def test_help_states_the_rule_and_has_examples():
     result = CliRunner().invoke(app, ["eval-retention", "--help"])
     assert result.exit_code == 0
     text = " ".join(result.output.split())
-    assert "delta < -tolerance AND McNemar's exact two-sided p" in text
+    assert "inconclusive otherwise, with the examples that would decide it" in text
+    assert "Rule non-inferiority (the default)" in text
     assert "safe eval-retention runs/demo/soft_retention/seed-0" in text

@@ -16,6 +16,9 @@ from ..errors import SafeError
 from .common import SetOption, console, err_console, handle_errors
 
 
+VERDICT_STYLE = {"regressed": "bold red", "inconclusive": "yellow"}
+
+
 @handle_errors
 def eval_retention(
     run: str = typer.Argument(..., metavar="RUN_OR_CKPT_DIR",
@@ -32,7 +35,11 @@ def eval_retention(
         None, "--tolerance", min=0.0, max=1.0,
         help="Allowed accuracy drop as a fraction (0.005 = 0.5 points; default: evaluation.tolerance)."),
     fail_on_regression: bool = typer.Option(
-        False, "--fail-on-regression", help="Exit 1 when any task regressed or the bypass is not bit-exact."),
+        False, "--fail-on-regression", help="Exit 1 unless the verdict is pass: a task regressed, the bypass is not "
+        "bit-exact, or (rule non-inferiority) a VL/text task is not shown non-inferior."),
+    rule: Optional[str] = typer.Option(
+        None, "--rule", metavar="RULE", help="non-inferiority or significant-harm (default: evaluation.rule, "
+        "non-inferiority)."),
     out: Optional[str] = typer.Option(
         None, "--out", help="Folder for report.json, report.md and the PNG plots (default: "
         "<stage folder>/eval-retention, or .../eval-retention/step-N for a checkpoint)."),
@@ -51,11 +58,15 @@ def eval_retention(
     (never hearing audio) and by SAFE as deployed: budgets from the run's distilled gate (Stage
     C) if it has one, else its policy (Stage B), else the largest budget for every clip. VL and
     text questions are asked without audio and with a distractor clip. Per task: n, both
-    accuracies, the delta, a 95% paired bootstrap interval, and McNemar's exact p-value.
+    accuracies, the delta, a 95% paired bootstrap interval, McNemar's exact p-value and a
+    verdict.
 
-    Regression rule: a task regressed when delta < -tolerance AND McNemar's exact two-sided
-    p < evaluation.significance (default 0.05). A smaller drop is accepted; a larger one that
-    could be chance is shown with its interval but not called a regression.
+    Verdicts: non-inferior when the one-sided 95% lower bound of SAFE - base (Tango's score
+    bound for 0/1 scores) is >= -tolerance, or when the task has no clip and the bypass is
+    bit-exact; regressed when delta < -tolerance and the Holm-adjusted p < significance;
+    inconclusive otherwise, with the examples that would decide it. Rule non-inferiority (the
+    default) passes only when every VL/text task is non-inferior and no task regressed;
+    significant-harm only looks for regressions.
 
     Bypass check: every audio-free example is batched with a copy of itself that carries a clip;
     the audio-free rows' logits must equal the base's own forward bit for bit (max |Δ logit| = 0).
@@ -65,11 +76,11 @@ def eval_retention(
     are compared on accuracy and relative audio compute (FLOPs of encoder + fusion, from the
     model's dimensions, over always-max); report.json "efficiency" is SAFE's as deployed.
 
-    Writes report.json (schema safe.retention-report/1), report.md, deltas.png, accuracy.png and
+    Writes report.json (schema safe.retention-report/2), report.md, deltas.png, accuracy.png and
     pareto.png.
 
-    Exit codes: 0 done (with --fail-on-regression: no regression and an exact bypass); 1 a
-    regression or a non-exact bypass with --fail-on-regression; 2 bad input.
+    Exit codes: 0 done (with --fail-on-regression: verdict pass); 1 verdict regression or
+    inconclusive with --fail-on-regression; 2 bad input.
 
     Examples:
 
@@ -95,6 +106,9 @@ def eval_retention(
     resolved = load_profile(profile or str(trained.profile_path), set_ or [])
     evaluation = resolved.evaluation
     tolerance = evaluation.tolerance if tolerance is None else tolerance
+    rule = rule or evaluation.rule
+    if rule not in ("non-inferiority", "significant-harm"):
+        raise SafeError(f"--rule: expected non-inferiority or significant-harm, got {rule!r}")
     torch_device = resolve_device(device or resolved.training.device)
     model = load_trained_model(trained, resolved, torch_device)
     rate = model.audio_encoder.sample_rate
@@ -113,9 +127,10 @@ def eval_retention(
         "data": dataset.description, "skipped": dataset.skipped,
     }
     report = build_report(
-        model, PromptBatcher.for_evaluation(model.base, evaluation), dataset.pool, budgets=budgets, cost_model=cost_model, tolerance=tolerance, significance=evaluation.significance, bootstrap_samples=evaluation.bootstrap_samples,
-        batch_size=batch_size or evaluation.batch_size, max_examples=max_examples or evaluation.max_examples,
-        seed=seed, context=context, **decider,
+        model, PromptBatcher.for_evaluation(model.base, evaluation), dataset.pool, budgets=budgets,
+        cost_model=cost_model, tolerance=tolerance, significance=evaluation.significance,
+        bootstrap_samples=evaluation.bootstrap_samples, batch_size=batch_size or evaluation.batch_size,
+        max_examples=max_examples or evaluation.max_examples, seed=seed, context=context, rule=rule, **decider,
     )
     default_out = trained.stage_dir / "eval-retention"
     if trained.step is not None:
@@ -127,23 +142,23 @@ def eval_retention(
     else:
         table = Table(title=f"retention: {trained.variant or 'SAFE'} vs base; +clip = with a distractor clip",
                       box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in ("task", "n", "base", "SAFE", "Δ pt", "95% CI", "p", "audio", "reg"):
-            table.add_column(column, justify="left" if column == "task" else "right", no_wrap=True)
+        for column in ("task", "n", "base", "SAFE", "Δ pt", "95% CI", "p", "low pt", "audio", "verdict"):
+            table.add_column(column, justify="left" if column in ("task", "verdict") else "right", no_wrap=True)
         for row in report["tasks"]:
             lo, hi = row["ci95"]
             table.add_row(
                 task_label(row, " +clip"), str(row["n"]), f"{row['base_accuracy']:.1%}", f"{row['safe_accuracy']:.1%}",
                 f"{100 * row['delta']:+.1f}", "–" if lo is None else f"{100 * lo:+.1f},{100 * hi:+.1f}",
-                f"{row['p_value']:.2g}",
+                f"{row['p_value']:.2g}", f"{100 * row['lower_bound']:+.1f}",
                 f"{row['audio_usage_rate']:.0%}" if row["with_audio"] and "audio_usage_rate" in row else "",
-                "YES" if row["regressed"] else "",
-                style="bold red" if row["regressed"] else None,
+                row["verdict_task"], style=VERDICT_STYLE.get(row["verdict_task"]),
             )
         console.print(table)
         console.print(strategy_table("accuracy and audio compute on the examples with a clip",
                                      [p for p in report["strategies"] if p["kind"] != "gate-curve"]))
         console.print(dataset.description)
-        console.print(Text(summary_line(report), style="green" if report["verdict"] == "pass" else "bold red"))
+        console.print(Text(summary_line(report), style={"pass": "green", "inconclusive": "yellow"}.get(
+            report["verdict"], "bold red")))
         console.print(f"SAFE's budgets: {report['strategy']}; report: {paths['report.md']} "
                       "(+ report.json, deltas.png, accuracy.png, pareto.png)")
     if dataset.skipped:

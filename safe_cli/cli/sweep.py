@@ -187,15 +187,15 @@ def _status_table(rows) -> Table:
 
 
 def _comparison_table(report) -> Table:
-    from ..sweep.report import METRICS, failure_text, fmt
+    from ..sweep.report import METRICS, failure_text, fmt, verdict_text
 
     table = Table(title=f"sweep {report['profile']}: mean ± std over seeds")
-    for column in ("variant", "stage", "done", *METRICS.values(), "failed"):
+    for column in ("variant", "stage", "done", *METRICS.values(), "verdicts", "failed"):
         table.add_column(column, justify="left" if column in ("variant", "stage") else "right",
                          no_wrap=column == "variant")
     for row in report["rows"]:
         table.add_row(row["variant"], row["stage"], f"{row['done']}/{row['runs']}",
-                      *[fmt(key, row["metrics"][key]) for key in METRICS],
+                      *[fmt(key, row["metrics"][key]) for key in METRICS], verdict_text(row.get("verdicts") or {}),
                       Text(failure_text(row), style="bold red" if row["failures"] else ""))
     return table
 

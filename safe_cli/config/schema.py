@@ -497,7 +497,13 @@ class RetentionConfig(Section):
 
 class EvaluationConfig(Section):
     tolerance: float = Field(0.005, ge=0, lt=1, description="Allowed accuracy drop (0.005 = 0.5 points).")
-    significance: float = Field(0.05, gt=0, lt=1, description="Significance level of McNemar's exact test.")
+    significance: float = Field(0.05, gt=0, lt=1, description="Significance level of McNemar's exact test (and "
+                                "1 - the confidence of the non-inferiority bound).")
+    rule: Literal["non-inferiority", "significant-harm"] = Field(
+        "non-inferiority", description="eval-retention's gate: non-inferiority (every VL/text task shown to drop "
+        "less than tolerance: one-sided lower bound >= -tolerance; a task the data cannot decide fails) or "
+        "significant-harm (only a drop beyond tolerance with Holm-adjusted p < significance fails).",
+    )
     bootstrap_samples: int = Field(2000, ge=100, description="Paired bootstrap resamples for the 95% interval.")
     max_examples: Optional[int] = Field(None, ge=1, description="Cap on examples per task (None = all).")
     batch_size: int = Field(32, ge=1, description="Evaluation batch size.")

@@ -3,7 +3,8 @@
 Plots (matplotlib, Agg backend: no display needed on a cluster node):
 
     deltas.png    per task, SAFE minus base accuracy in points with its 95% paired bootstrap
-                  interval; the tolerance band shaded; regressed tasks in red
+                  interval and its one-sided lower bound (|); the tolerance band shaded;
+                  regressed tasks in red, inconclusive ones in amber
     accuracy.png  base and SAFE accuracy side by side per task
     pareto.png    accuracy on the examples with a clip against relative audio compute, for
                   always-k, the oracle, the learned policy and the gate (its threshold curve)
@@ -25,6 +26,12 @@ PARETO_PNG = "pareto.png"
 
 KIND_COLOURS = {"vl": "#1f77b4", "text": "#2ca02c", "audio": "#9467bd", "av": "#ff7f0e"}
 REGRESSED = "#d62728"
+INCONCLUSIVE = "#e6a700"
+VERDICT_COLOURS = {"regressed": REGRESSED, "inconclusive": INCONCLUSIVE}
+
+
+def _colour(row: dict[str, Any]) -> str:
+    return VERDICT_COLOURS.get(row.get("verdict_task"), KIND_COLOURS.get(row["kind"], "grey"))
 
 
 def _points(value) -> str:
@@ -48,24 +55,31 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Retention report: {report.get('variant') or 'SAFE'} ({report.get('profile', '')})",
         "",
         f"**Verdict: {report['verdict']}**"
-        + (f" (regressed: {', '.join(report['regressions'])})" if report["regressions"] else ""),
+        + (f" (regressed: {', '.join(report['regressions'])})" if report["regressions"] else "")
+        + (f" (inconclusive: {', '.join(report['inconclusive'])})" if report.get("inconclusive") else ""),
         "",
         f"- Weights: `{report.get('weights', '')}`" + (f" (step {report['step']})" if report.get("step") else ""),
         f"- Data: {report.get('data', '')}",
         f"- SAFE's budgets: {STRATEGY_TEXT.get(report['strategy'], report['strategy'])}; base answers never hear audio",
-        f"- Rule: {report['rule']} (tolerance {100 * report['tolerance']:.1f} points, "
-        f"significance {report['significance']})",
+        f"- Rule: **{report['rule']}**: {report['rule_text']} (tolerance {100 * report['tolerance']:.1f} points, "
+        f"one-sided confidence {100 * report['confidence']:.0f}%, significance {report['significance']}, "
+        f"{report['correction']} correction across the report's tasks)",
         f"- Bypass: {'bit-exact' if bypass['bit_exact'] else '**NOT bit-exact**'}, max |Δ logit| "
         f"{bypass['max_abs_logit_diff']:.3g} over {bypass['n']} budget-0 rows ({bypass['source']})",
         "",
-        "| task | n | base | SAFE | Δ (points) | 95% CI | McNemar p | audio used | regressed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "| task | n | base | SAFE | Δ (points) | 95% CI | p (Holm) | lower bound | audio used | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---|",
     ]
     for row in report["tasks"]:
+        verdict = row["verdict_task"]
+        if verdict == "regressed":
+            verdict = "**regressed**"
+        elif verdict == "inconclusive" and row.get("examples_needed"):
+            verdict = f"*inconclusive* (needs ~{row['examples_needed']})"
         lines.append(
             f"| {task_label(row)} | {row['n']} | {100 * row['base_accuracy']:.1f}% | {100 * row['safe_accuracy']:.1f}% "
-            f"| {_points(row['delta'])} | {_ci(row)} | {row['p_value']:.3g} "
-            f"| {_usage(row)} | {'**yes**' if row['regressed'] else 'no'} |"
+            f"| {_points(row['delta'])} | {_ci(row)} | {row['p_value']:.3g} ({row['p_holm']:.3g}) "
+            f"| {_points(row['lower_bound'])} ({row['bound_method']}) | {_usage(row)} | {verdict} |"
         )
     efficiency = report["efficiency"]
     lines += [
@@ -116,17 +130,19 @@ def plot_deltas(report: dict[str, Any], path: Path) -> None:
     axes.axvspan(-tolerance, tolerance, color="#dddddd", zorder=0, label=f"±tolerance ({tolerance:.1f} pt)")
     axes.axvline(0, color="black", linewidth=0.8)
     for y, row in enumerate(rows):
-        colour = REGRESSED if row["regressed"] else KIND_COLOURS.get(row["kind"], "grey")
+        colour = _colour(row)
         delta = 100 * row["delta"]
         lo, hi = row["ci95"]
         error = None if lo is None else [[delta - 100 * lo], [100 * hi - delta]]
         axes.errorbar(delta, y, xerr=error, fmt="o", color=colour, capsize=3)
+        axes.plot(100 * row["lower_bound"], y, marker="|", markersize=12, color=colour)
     axes.set_yticks(range(len(rows)), labels)
     axes.invert_yaxis()
-    axes.set_xlabel("SAFE − base accuracy (points), 95% paired bootstrap interval")
+    axes.set_xlabel("SAFE − base accuracy (points), 95% paired bootstrap interval; |: one-sided lower bound")
     axes.set_title(f"{report.get('variant') or 'SAFE'}: verdict {report['verdict']}")
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=k) for k, c in KIND_COLOURS.items()]
     handles.append(plt.Line2D([], [], marker="o", linestyle="", color=REGRESSED, label="regressed"))
+    handles.append(plt.Line2D([], [], marker="o", linestyle="", color=INCONCLUSIVE, label="inconclusive"))
     axes.legend(handles=handles, loc="lower right", fontsize=8)
     _save_figure(figure, path)
 
@@ -143,8 +159,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7.5, 0.42 * len(rows) + 1.4))
     axes.barh(y - 0.2, [100 * r["base_accuracy"] for r in rows], height=0.4, color="#999999", label="base")
     axes.barh(y + 0.2, [100 * r["safe_accuracy"] for r in rows], height=0.4,
-              color=[REGRESSED if r["regressed"] else KIND_COLOURS.get(r["kind"], "grey") for r in rows],
-              label="SAFE (colour: task kind; red: regressed)")
+              color=[_colour(r) for r in rows], label="SAFE (colour: task kind; red: regressed; amber: inconclusive)")
     axes.set_yticks(y, [task_label(r) for r in rows])
     axes.invert_yaxis()
     axes.set_xlim(0, 100)

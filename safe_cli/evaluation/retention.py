@@ -8,7 +8,24 @@ wrong is a *leak* from other rows of a batch, and that is what the bypass check 
 audio-free example is batched together with a copy of itself that does carry a clip, and the
 budget-0 rows' logits must equal the base's own forward on the same batch, bit for bit.
 
-The report follows DESIGN.md section 4 (schema ``safe.retention-report/1``).
+Each task gets one of three verdicts (``stats.py`` has the statistics):
+
+    non-inferior   the one-sided lower confidence bound of SAFE - base is >= -tolerance; a task
+                   whose examples carry no clip is SAFE = base by construction once the
+                   bypass check is bit-exact (bound 0, method "bypass")
+    regressed      delta < -tolerance and the Holm-adjusted p < significance
+    inconclusive   neither: the data cannot tell; the row says how many examples would
+
+The report's verdict under ``evaluation.rule``:
+
+    significant-harm   "regression" if any task regressed (or the bypass is not exact), else "pass"
+    non-inferiority    as above, and "inconclusive" if a VL or text task is inconclusive: a
+                       release is let through only when no harm to what the base could do is shown
+                       beyond the tolerance. Audio tasks, new capability the base never had,
+                       fail the gate only by regressing.
+
+The report follows DESIGN.md section 4 (schema ``safe.retention-report/2``; /2 added the
+verdicts, the bounds, ``rule`` as a name with ``rule_text``, ``confidence`` and ``correction``).
 """
 
 from __future__ import annotations
@@ -22,11 +39,12 @@ from ..models.bypass import check_bypass
 from ..models.probe import probe_audio
 from ..progress import progress_bar
 from ..data.dataset import RecordPool
-from .stats import REGRESSION_RULE, compare, is_regression
+from .stats import RULE_TEXT, compare, examples_needed, holm, lower_bound
 from .strategies import answer_at_every_budget, compare_strategies, strategy_tasks
 from .tasks import TaskResult
 
-SCHEMA = "safe.retention-report/1"
+SCHEMA = "safe.retention-report/2"
+RETENTION_KINDS = ("vl", "text")  # what the base could already do: the non-inferiority gate's tasks
 
 
 @dataclass
@@ -84,27 +102,74 @@ def task_label(row: dict[str, Any], distractor: str = " + distractor") -> str:
 
 
 def task_rows(results: list[TaskResult], tolerance: float, significance: float, bootstrap_samples: int,
-              seed: int = 0) -> list[dict[str, Any]]:
+              seed: int = 0, bypass_exact: bool = False) -> list[dict[str, Any]]:
+    """Per-task statistics and verdict (module docstring); ``bypass_exact`` from this report's check."""
+    confidence = 1 - significance
     rows = []
     for index, result in enumerate(results):
         stat = compare(result.base_correct, result.safe_correct, bootstrap_samples, seed=seed + index)
+        if not result.with_audio and bypass_exact:
+            # No clip: SAFE runs the base's own arithmetic on every such input, not only on these.
+            bound, method = 0.0, "bypass"
+        else:
+            bound, method = lower_bound(result.base_correct, result.safe_correct, confidence, bootstrap_samples,
+                                        seed + index)
         rows.append({
             "task": result.task, "kind": result.kind, "with_audio": result.with_audio, "n": stat.n,
             "base_accuracy": stat.base_accuracy, "safe_accuracy": stat.safe_accuracy, "delta": stat.delta,
             "ci95": list(stat.ci95), "p_value": stat.p_value, "test": stat.test,
             "discordant": {"base_only": stat.base_only, "safe_only": stat.safe_only},
-            "regressed": is_regression(stat.delta, stat.p_value, tolerance, significance),
+            "lower_bound": bound, "bound_method": method,
         })
         if result.safe_budgets:  # how often SAFE spent audio on this task (a policy or gate decides)
             rows[-1]["audio_usage_rate"] = sum(b > 0 for b in result.safe_budgets) / len(result.safe_budgets)
+    for row, adjusted in zip(rows, holm([r["p_value"] for r in rows])):
+        row["p_holm"] = adjusted
+        if row["delta"] < -tolerance and adjusted < significance:
+            row["verdict_task"] = "regressed"
+        elif row["lower_bound"] >= -tolerance:
+            row["verdict_task"] = "non-inferior"
+        else:
+            row["verdict_task"] = "inconclusive"
+            if row["test"] == "mcnemar-exact":
+                row["examples_needed"] = examples_needed(row["discordant"]["base_only"],
+                                                         row["discordant"]["safe_only"], row["n"], tolerance,
+                                                         confidence)
+        row["regressed"] = row["verdict_task"] == "regressed"
     order = {"vl": 0, "text": 1, "audio": 2, "av": 3}
     return sorted(rows, key=lambda r: (order.get(r["kind"], 9), r["task"], r["with_audio"]))
+
+
+def report_verdict(tasks: list[dict[str, Any]], bypass_exact: bool, rule: str) -> tuple[str, list[str], list[str]]:
+    """(verdict, regressed task labels, inconclusive retention task labels) under ``rule``."""
+    regressions = [task_label(t) for t in tasks if t["verdict_task"] == "regressed"]
+    inconclusive = [task_label(t) for t in tasks
+                    if t["verdict_task"] == "inconclusive" and t["kind"] in RETENTION_KINDS]
+    if regressions or not bypass_exact:
+        return "regression", regressions, inconclusive
+    if rule == "non-inferiority" and inconclusive:
+        return "inconclusive", regressions, inconclusive
+    return "pass", regressions, inconclusive
+
+
+def verdict_from_examples(examples: list[dict[str, Any]], evaluation) -> str:
+    """A stage's verdict under ``evaluation.rule`` from its own evaluation (``eval_examples.json``).
+
+    There SAFE's answers to questions without a clip are the base's answers (the bypass), so
+    those tasks count as the base by construction; the bypass itself is what ``safe check``
+    and ``eval-retention`` verify.
+    """
+    results = [TaskResult(e["task"], bool(e["with_audio"]), list(e["base_correct"]), list(e["safe_correct"]))
+               for e in examples]
+    tasks = task_rows(results, evaluation.tolerance, evaluation.significance, evaluation.bootstrap_samples,
+                      bypass_exact=True)
+    return report_verdict(tasks, True, evaluation.rule)[0]
 
 
 def build_report(model, batcher, pool: RecordPool, *, budgets: list[int], cost_model, tolerance: float,
                  significance: float, bootstrap_samples: int, batch_size: int, max_examples: Optional[int],
                  seed: int = 0, context: Optional[dict[str, Any]] = None, policy=None, normalizer=None,
-                 gate=None) -> dict[str, Any]:
+                 gate=None, rule: str = "non-inferiority") -> dict[str, Any]:
     """Base vs SAFE as deployed: with the gate when there is one, else the policy, else always the
     largest budget. Every example is answered at every budget once (``strategies.py``), so the
     report also places always-k, the oracle, the policy and the gate on one accuracy/compute plot.
@@ -113,19 +178,22 @@ def build_report(model, batcher, pool: RecordPool, *, budgets: list[int], cost_m
                                      description="base vs SAFE at every budget")
     points, deployed, chosen = compare_strategies(answers, policy, normalizer, gate)
     results = strategy_tasks(answers, chosen)
-    tasks = task_rows(results, tolerance, significance, bootstrap_samples, seed)
     bypass = check_bypass_on_examples(model, batcher, pool, max(budgets), batch_size, max_examples, seed)
-    regressions = [task_label(t) for t in tasks if t["regressed"]]
-    verdict = "pass" if not regressions and bypass.bit_exact else "regression"
+    tasks = task_rows(results, tolerance, significance, bootstrap_samples, seed, bypass.bit_exact)
+    verdict, regressions, inconclusive = report_verdict(tasks, bypass.bit_exact, rule)
     point = next(p for p in points if p["strategy"] == deployed)
     return {
         "schema": SCHEMA,
         **(context or {}),
         "tolerance": tolerance,
         "significance": significance,
-        "rule": REGRESSION_RULE,
+        "rule": rule,
+        "rule_text": RULE_TEXT[rule],
+        "confidence": 1 - significance,
+        "correction": "holm",
         "verdict": verdict,
         "regressions": regressions,
+        "inconclusive": inconclusive,
         "strategy": deployed,
         "tasks": tasks,
         "bypass": bypass.to_dict(),
@@ -141,10 +209,20 @@ def build_report(model, batcher, pool: RecordPool, *, budgets: list[int], cost_m
 
 def summary_line(report: dict[str, Any]) -> str:
     bypass = report["bypass"]
-    parts = [f"verdict: {report['verdict']}"]
+    parts = [f"verdict: {report['verdict']} ({report['rule']})"]
     if report["regressions"]:
         parts.append(f"regressed: {', '.join(report['regressions'])}")
+    if report.get("inconclusive"):
+        rows = {task_label(t): t for t in report["tasks"]}
+        parts.append("inconclusive: " + ", ".join(_needs(label, rows.get(label)) for label in report["inconclusive"]))
     parts.append(f"bypass {'bit-exact' if bypass['bit_exact'] else 'NOT bit-exact'} "
                  f"(max |Δlogit| {bypass['max_abs_logit_diff']:.3g} over {bypass['n']} audio-free examples)")
     return "; ".join(parts)
 
+
+def _needs(label: str, row: Optional[dict[str, Any]]) -> str:
+    """What an inconclusive task would need to decide: a power estimate at its observed discordance."""
+    if row is None or row.get("examples_needed") is None:
+        return f"{label} (lower bound {100 * row['lower_bound']:+.1f} pt)" if row else label
+    return (f"{label} (lower bound {100 * row['lower_bound']:+.1f} pt from {row['n']} examples; about "
+            f"{row['examples_needed']} would decide it with 80% power at the observed discordance)")

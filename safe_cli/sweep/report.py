@@ -5,7 +5,9 @@ Metrics from each finished stage's summary.json, n-weighted over its tasks:
 - VL delta without audio: SAFE - base on VL and text questions asked without a clip (the bypass
   makes it exactly 0; anything else is a bug);
 - VL delta with audio: the same questions with a distractor clip attached (retention's target);
-- relative compute: efficiency.relative_audio_compute, written by stages b and c.
+- relative compute: efficiency.relative_audio_compute, written by stages b and c;
+- verdicts: how many seeds' stage evaluations pass, are inconclusive or regress under the run's
+  ``evaluation.rule`` (``evaluation.retention.verdict_from_examples`` on eval_examples.json).
 """
 
 from __future__ import annotations
@@ -52,6 +54,29 @@ def run_metrics(summary: dict[str, Any]) -> dict[str, Optional[float]]:
     }
 
 
+def stage_verdict(stage_dir: Path) -> Optional[str]:
+    """The stage's verdict under its own profile's evaluation settings; None without its examples."""
+    from ..config import load_profile
+    from ..evaluation.retention import verdict_from_examples
+
+    examples_file = stage_dir / layout.EVAL_EXAMPLES_FILE
+    profile_file = stage_dir / layout.PROFILE_FILE
+    if not examples_file.is_file() or not profile_file.is_file():
+        return None
+    try:
+        examples = json.loads(examples_file.read_text())
+        evaluation = load_profile(str(profile_file)).evaluation
+    except (OSError, ValueError):
+        return None
+    return verdict_from_examples(examples, evaluation)
+
+
+def verdict_text(verdicts: dict[str, int]) -> str:
+    """"pass 2, inconclusive 1": the stage's verdicts over the seeds that finished."""
+    order = ("pass", "inconclusive", "regression")
+    return ", ".join(f"{name} {verdicts[name]}" for name in order if verdicts.get(name)) or "–"
+
+
 def _aggregate(values: list[float]) -> dict[str, Any]:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
@@ -77,6 +102,7 @@ def build(out: Path, manifest: Manifest) -> dict[str, Any]:
         shown = row["shown"] if summary is None else state.DONE
         runs.append({
             "variant": run.variant, "seed": run.seed, "stage": run.stage, "state": shown,
+            "verdict": stage_verdict(stage_path(out, run)) if summary else None,
             "exit_code": row.get("exit_code"), "message": row.get("message") if summary is None else None,
             "attempts": row["attempt_count"], "seconds": row["last_seconds"], "log": row.get("log"),
             "metrics": run_metrics(summary) if summary else None,
@@ -89,8 +115,12 @@ def build(out: Path, manifest: Manifest) -> dict[str, Any]:
             done = [r for r in mine if r["metrics"]]
             failures = [{"seed": r["seed"], "state": r["state"], "exit_code": r["exit_code"], "message": r["message"]}
                         for r in mine if r["state"].split(" ")[0] in FAILED_STATES or r["state"].startswith("lost")]
+            verdicts: dict[str, int] = {}
+            for r in done:
+                if r["verdict"]:
+                    verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
             rows.append({
-                "variant": variant, "stage": stage, "runs": len(mine), "done": len(done),
+                "variant": variant, "stage": stage, "runs": len(mine), "done": len(done), "verdicts": verdicts,
                 "seeds_done": [r["seed"] for r in done], "failures": failures,
                 "metrics": {key: _aggregate([r["metrics"][key] for r in done]) for key in METRICS},
             })
@@ -128,11 +158,12 @@ def to_markdown(report: dict[str, Any]) -> str:
              + (f"; overrides: `{' '.join(report['overrides'])}`" if report["overrides"] else "") + ".",
              "Mean ± std over the seeds that finished (accuracy and deltas in points; VL covers VL and text "
              "questions).", "",
-             "| variant | stage | done | " + " | ".join(METRICS.values()) + " | failures |",
-             "|---|---|---|" + "---|" * len(METRICS) + "---|"]
+             "| variant | stage | done | " + " | ".join(METRICS.values()) + " | verdicts | failures |",
+             "|---|---|---|" + "---|" * len(METRICS) + "---|---|"]
     for row in report["rows"]:
         cells = [fmt(key, row["metrics"][key]) for key in METRICS]
         lines.append(f"| {row['variant']} | {row['stage']} | {row['done']}/{row['runs']} | " + " | ".join(cells)
+                     + f" | {verdict_text(row.get('verdicts') or {})}"
                      + f" | {'**' + failure_text(row) + '**' if row['failures'] else '0'} |")
     failed = [r for r in report["runs"] if r["state"] != state.DONE]
     if failed:

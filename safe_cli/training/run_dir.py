@@ -37,6 +37,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 FINAL_WEIGHTS = "trainable.safetensors"
 SUMMARY_FILE = "summary.json"
+EVAL_EXAMPLES_FILE = "eval_examples.json"  # per-task, per-example answers and scores of the stage's evaluation
 
 
 def run_root(runs_dir: str, profile: str, variant: str, seed: int, run_dir: Optional[str] = None) -> Path:

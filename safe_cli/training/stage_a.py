@@ -447,7 +447,7 @@ class StageATrainer:
             base_unchanged=unchanged, tasks=tasks, audio_digit_by_budget=by_budget, audio_task=followed,
         )
         write_json(directory / layout.SUMMARY_FILE, result.summary())
-        write_json(directory / "eval_examples.json", [t.to_dict() for t in tasks])
+        write_json(directory / layout.EVAL_EXAMPLES_FILE, [t.to_dict() for t in tasks])
         if not unchanged:
             raise RunFailed(f"the base's fingerprint changed during training ({self.base_fingerprint} -> "
                             f"{self.model.base_fingerprint()}): a frozen weight was modified")

@@ -530,6 +530,7 @@ class StageBTrainer:
             strategies=strategies,
         )
         write_json(directory / layout.SUMMARY_FILE, result.summary())
+        write_json(directory / layout.EVAL_EXAMPLES_FILE, [t.to_dict() for t in tasks])
         if not unchanged:
             raise RunFailed(f"the base's fingerprint changed during Stage B ({self.base_fingerprint} -> "
                             f"{self.model.base_fingerprint()}): a frozen weight was modified")

@@ -221,6 +221,7 @@ class StageCDistiller:
             strategies=points,
         )
         write_json(self.stage_dir / layout.SUMMARY_FILE, result.summary())
+        write_json(self.stage_dir / layout.EVAL_EXAMPLES_FILE, [t.to_dict() for t in result.tasks])
         if self.model.base_fingerprint() != self.base_fingerprint:
             raise RunFailed("the base's fingerprint changed during Stage C: a frozen weight was modified")
         return result
