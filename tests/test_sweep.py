@@ -297,6 +297,12 @@ def test_report_aggregates_seeds_reads_efficiency_and_marks_failures(tmp_path):
             path.mkdir(parents=True)
             efficiency = {"relative_audio_compute": 0.5 + 0.1 * seed} if stage == "b" else None
             (path / "summary.json").write_text(json.dumps(_summary(audio, -0.01 * seed, efficiency)))
+            if (variant, stage) == ("v1", "a"):  # the stage's own evaluation, as stages write it
+                n = 200 if seed == 1 else 20  # 200 identical answers decide 2.5 points; 20 cannot
+                examples = [{"task": "vl/digit", "with_audio": True, "base_correct": [1] * n,
+                             "safe_correct": [1] * n}]
+                (path / "eval_examples.json").write_text(json.dumps(examples))
+                (path / "profile.yaml").write_text("extends: demo\nname: mine\n")
     state.write(out, Run(Cell("v2", 2), "a"), {"variant": "v2", "seed": 2, "stage": "a", "state": "failed",
                                                 "exit_code": 1, "message": "error: out of memory", "attempts": [{}]})
     state.write(out, Run(Cell("v2", 2), "b"), {"variant": "v2", "seed": 2, "stage": "b", "state": "blocked",
@@ -320,7 +326,8 @@ def test_report_aggregates_seeds_reads_efficiency_and_marks_failures(tmp_path):
     paths = report_mod.write(out, report)
     assert json.loads(paths["json"].read_text())["schema"] == "safe.sweep-report/1"
     md = paths["md"].read_text()
-    assert "| v1 | a | 2/2 | 70.0% ± 14.1 | +0.0 ± 0.0 | -2.6 ± 1.2 | – | 0 |" in md
+    assert rows[("v1", "a")]["verdicts"] == {"pass": 1, "inconclusive": 1} and rows[("v1", "b")]["verdicts"] == {}
+    assert "| v1 | a | 2/2 | 70.0% ± 14.1 | +0.0 ± 0.0 | -2.6 ± 1.2 | – | pass 1, inconclusive 1 | 0 |" in md
     assert "| v2 | a | 1/2 | 50.0% |" in md and "**1 (seed 2)**" in md
     assert "- v2 seed 2 stage a: failed (exit 1): `error: out of memory`" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,7 +24,7 @@ DELTAS_PNG = "deltas.png"
 ACCURACY_PNG = "accuracy.png"
 PARETO_PNG = "pareto.png"
 
-KIND_COLOURS = {"vl": "#1f77b4", "text": "#2ca02c", "audio": "#9467bd", "av": "#ff7f0e"}
+KIND_COLOURS = {"vl": "#1f77b4", "text": "#2ca02c", "audio": "#9467bd", "av": "#8c564b"}  # amber is for inconclusive
 REGRESSED = "#d62728"
 INCONCLUSIVE = "#e6a700"
 VERDICT_COLOURS = {"regressed": REGRESSED, "inconclusive": INCONCLUSIVE}
