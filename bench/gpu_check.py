@@ -201,7 +201,7 @@ def part_llava7b_layers(ctx: dict) -> dict:
         features = safe.encode_audio(probe_audio(safe.audio_encoder.sample_rate, shape["batch"], generator=generator))
     mixed = torch.tensor([0, 8] * (shape["batch"] // 2), device=device)
     zeros, eights = torch.zeros_like(mixed), torch.full_like(mixed, 8)
-    out: dict[str, Any] = {"shape": {k: v for k, v in shape.items()}, "tokens": tokens, "weights": "bfloat16",
+    out: dict[str, Any] = {"shape": dict(shape), "tokens": tokens, "weights": "bfloat16",
                            "base_parameters": sum(p.numel() for p in base.model.parameters())}
 
     with torch.no_grad():
@@ -258,7 +258,7 @@ def part_llava7b_layers(ctx: dict) -> dict:
     step_times = [timed(step, device) for _ in range(1 if tiny else 3)]
     out["stage_a_step_seconds"] = round(statistics.median(step_times), 4)
     out["stage_a_step_peak_mib"] = peak_mib(device)
-    estimate = estimate_memory(profile, text_tokens=tokens - shape["image"] ** 2 // shape["patch"] ** 2)
+    estimate = estimate_memory(profile, text_tokens=tokens - base.num_image_tokens)
     out["estimate_training_mib"] = round(estimate.totals["training"] / 2**20, 1)
     if out["stage_a_step_peak_mib"]:
         out["measured_over_estimate"] = round(out["stage_a_step_peak_mib"] / out["estimate_training_mib"], 3)

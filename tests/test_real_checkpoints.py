@@ -15,7 +15,6 @@ import torch
 from typer.testing import CliRunner
 
 import real_checkpoints
-import tiny_models
 from safe_cli.cli.main import app
 from safe_cli.config import load_profile
 from safe_cli.config.loader import ProfileError
@@ -32,13 +31,14 @@ IMAGE = np.full((40, 50, 3), 128, np.uint8)
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
+def real(tmp_path_factory, tiny_checkpoints):
+    """The two real-layout bases, beside the session's tiny whisper and CLAP (conftest)."""
     root = tmp_path_factory.mktemp("real")
     return {
         "llava": real_checkpoints.save_llava15_like(root / "llava-1.5"),
         "blip2": real_checkpoints.save_blip2_opt_like(root / "blip2-opt"),
-        "whisper": tiny_models.save_tiny_whisper(root / "whisper.pt"),
-        "clap": tiny_models.save_tiny_clap(root / "clap"),
+        "whisper": tiny_checkpoints["whisper"],
+        "clap": tiny_checkpoints["clap"],
         "root": root,
     }
 

@@ -96,6 +96,7 @@ def eval_retention(
     from ..evaluation import data as eval_data
     from ..evaluation.outputs import write_report
     from ..evaluation.retention import build_report, summary_line, task_label
+    from ..evaluation.stats import RULE_TEXT
     from ..evaluation.runs import load_decider, load_trained_model, locate
     from ..models.builder import resolve_device
     from ..rl.cost import AudioCostModel
@@ -107,8 +108,8 @@ def eval_retention(
     evaluation = resolved.evaluation
     tolerance = evaluation.tolerance if tolerance is None else tolerance
     rule = rule or evaluation.rule
-    if rule not in ("non-inferiority", "significant-harm"):
-        raise SafeError(f"--rule: expected non-inferiority or significant-harm, got {rule!r}")
+    if rule not in RULE_TEXT:
+        raise SafeError(f"--rule: expected one of {', '.join(RULE_TEXT)}, got {rule!r}")
     torch_device = resolve_device(device or resolved.training.device)
     model = load_trained_model(trained, resolved, torch_device)
     rate = model.audio_encoder.sample_rate

@@ -108,9 +108,13 @@ class PromptFormat:
         terminator = tokenizer.decode([int(end_ids[0])], skip_special_tokens=False)
         return cls(name, None if name == "chat" else PRESETS.get(name, name), image_text, terminator, processor)
 
+    def one_turn(self, question: str, has_image: bool = True) -> str:
+        """The prompt of a one-turn question (with an image by default)."""
+        return "".join(text for text, _ in self.segments(question, (), None, has_image, None))
+
     def describe(self) -> str:
-        """The prompt of a one-turn question with an image, as ``safe check`` shows it."""
-        return "".join(text for text, _ in self.segments("{question}", (), None, True, None))
+        """The one-turn prompt with an image, as ``safe check`` shows it."""
+        return self.one_turn("{question}")
 
     def segments(self, question: str, history: Sequence[tuple[str, str]], system: Optional[str], has_image: bool,
                  answer: Optional[str]) -> list[tuple[str, bool]]:

@@ -185,7 +185,7 @@ def check_processor(kind: str, processor: Any, prompt_format: PromptFormat, imag
     from PIL import Image
 
     side = int(getattr(config.vision_config, "image_size", 32))
-    prompt = "".join(text for text, _ in prompt_format.segments("?", (), None, True, None))
+    prompt = prompt_format.one_turn("?")
     try:
         ids = processor(text=[prompt], images=[Image.new("RGB", (side, side))], return_tensors="pt")["input_ids"]
         found = int((ids == image_token_id).sum())

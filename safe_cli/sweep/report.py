@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -115,10 +116,7 @@ def build(out: Path, manifest: Manifest) -> dict[str, Any]:
             done = [r for r in mine if r["metrics"]]
             failures = [{"seed": r["seed"], "state": r["state"], "exit_code": r["exit_code"], "message": r["message"]}
                         for r in mine if r["state"].split(" ")[0] in FAILED_STATES or r["state"].startswith("lost")]
-            verdicts: dict[str, int] = {}
-            for r in done:
-                if r["verdict"]:
-                    verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
+            verdicts = dict(Counter(r["verdict"] for r in done if r["verdict"]))
             rows.append({
                 "variant": variant, "stage": stage, "runs": len(mine), "done": len(done), "verdicts": verdicts,
                 "seeds_done": [r["seed"] for r in done], "failures": failures,
