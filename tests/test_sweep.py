@@ -399,6 +399,38 @@ def test_sigterm_stops_the_sweep_and_records_runs_as_interrupted(tmp_path):
     assert not (out / "sweep-state" / "v2.seed-1.stage-a.json").exists()  # nothing new started
 
 
+def test_a_signal_that_comes_while_a_run_is_starting_still_stops_it(tmp_path):
+    # The race CI hit: SIGTERM lands after the training process exists but before the sweep has
+    # it among its running runs. Here the signal is sent from inside runner.start, every time.
+    out, _ = _fake(tmp_path, seconds=30)
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        from pathlib import Path
+        from safe_cli.sweep import grid, runner
+        from safe_cli.sweep.local import run_local
+        from safe_cli.sweep.manifest import Manifest
+        real_start = runner.start
+        def start_then_signal(*args, **kwargs):
+            process = real_start(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return process
+        runner.start = start_then_signal
+        out = Path({str(out)!r})
+        m = Manifest(profile="demo", profile_name="demo", overrides=[], variants=["v1", "v2"], seeds=[1],
+                     stages=["a"], settings={{}})
+        command = lambda run: [sys.executable, {str(tmp_path / 'fake_train.py')!r}, str(grid.stage_path(out, run)),
+                               run.variant, "30"]
+        outcome = run_local(out, m, grid.expand(m.variants, m.seeds, m.stages), parallel=1, say=print,
+                            command=command)
+        print("interrupted" if outcome.interrupted else "finished", sorted(outcome.executed.items()), flush=True)
+    """)
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - began < 20, "the run started during the signal was left running"
+    assert "interrupted [('v1.seed-1.stage-a', 'interrupted')]" in result.stdout, result.stdout + result.stderr
+    assert not (out / "sweep-state" / "v2.seed-1.stage-a.json").exists()
+
+
 def test_a_finished_run_of_other_settings_is_not_counted_nor_built_upon(tmp_path):
     out, command = _fake(tmp_path, seconds=0.1)
     m = _manifest(variants=["v1", "v2"], seeds=[1], stages=["a", "b"])

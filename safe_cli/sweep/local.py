@@ -50,6 +50,7 @@ class _Active:
     process: object
     lock_fd: int
     started: float
+    told_to_stop: bool = False
 
 
 def run_local(out: Path, manifest: Manifest, runs: list[Run], parallel: int = 1,
@@ -69,9 +70,7 @@ def run_local(out: Path, manifest: Manifest, runs: list[Run], parallel: int = 1,
             stopping.append(signal.Signals(signum).name)
             say(f"{stopping[0]}: stopping {len(active)} running run(s); each saves a checkpoint "
                 "(rerun the same command to continue)")
-        for item in active.values():
-            if item.process.poll() is None:
-                item.process.send_signal(signal.SIGTERM)
+        _tell_to_stop(active, again=True)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -79,6 +78,10 @@ def run_local(out: Path, manifest: Manifest, runs: list[Run], parallel: int = 1,
             if not stopping:
                 _start_ready(out, manifest, pending, active, outcome, parallel, threads, say, total,
                              waiting_said, command)
+            if stopping:
+                # The signal may have come while a run was starting, before it was in `active`:
+                # every loop forwards it to any run that has not had it yet.
+                _tell_to_stop(active)
             for name, item in list(active.items()):
                 code = item.process.poll()
                 if code is None:
@@ -99,6 +102,14 @@ def run_local(out: Path, manifest: Manifest, runs: list[Run], parallel: int = 1,
     outcome.interrupted = bool(stopping)
     outcome.wall_seconds = time.monotonic() - began
     return outcome
+
+
+def _tell_to_stop(active: dict[str, _Active], again: bool = False) -> None:
+    """SIGTERM to each running training not told yet (to all of them on a repeated signal)."""
+    for item in active.values():
+        if (again or not item.told_to_stop) and item.process.poll() is None:
+            item.process.send_signal(signal.SIGTERM)
+            item.told_to_stop = True
 
 
 def _count(outcome: Outcome, total: int) -> int:
