@@ -26,6 +26,7 @@ from safe_cli.config import load_profile
 from safe_cli.data.manifest import write_manifest, read_manifest
 from safe_cli.data.scoring import normalize_answer
 from safe_cli.errors import SafeError
+from safe_cli.evaluation import retention
 from safe_cli.evaluation.data import manifest_data
 from safe_cli.evaluation.runs import load_trained_model, locate
 from safe_cli.models.fusion_adapter import is_gate_parameter
@@ -180,7 +181,7 @@ def base_answered_manifest(run, tmp_path_factory):
 
 def variant_of(run, tmp_path, edit):
     """A copy of the run whose final trainable weights went through ``edit``."""
-    copy = tmp_path / "edited"
+    copy = tmp_path / f"edited-{edit.__name__}"
     shutil.copytree(run, copy)
     path = copy / "stage-a" / "trainable.safetensors"
     weights = load_file(path)
@@ -289,6 +290,58 @@ def test_a_budget_zero_row_off_by_one_ulp_fails_the_bypass_check(run, base_answe
     assert "bypass NOT bit-exact" in result.output
     bypass = json.loads((tmp_path / "out" / "report.json").read_text())["bypass"]
     assert bypass["bit_exact"] is False and 0 < bypass["max_abs_logit_diff"] < 1e-5
+
+
+def test_a_run_that_never_learned_to_hear_fails_the_audio_capability_check(run, base_answered_manifest, tmp_path):
+    # Silent adapters: every answer is the base's, so retention passes, and nothing was heard.
+    deaf = variant_of(run, tmp_path, silence_adapters)
+    result = invoke(deaf, "--data", base_answered_manifest, "--rule", "significant-harm", "--fail-on-regression",
+                    "--require-audio-gain", "--out", tmp_path / "deaf")
+    assert result.exit_code == 1, result.output
+    output = " ".join(result.output.split())
+    assert "verdict: pass" in output and "audio capability: FAILED" in output
+    assert "audio/tone gains +0.0 pt over the base" in output and "no gain shown" in output
+    report = json.loads((tmp_path / "deaf" / "report.json").read_text())
+    assert report["verdict"] == "pass" and report["audio_capability"]["ok"] is False
+    assert "audio capability: FAILED" in (tmp_path / "deaf" / "report.md").read_text()
+    # The manifest's references are the base's own answers: SAFE = base = 100% on the tones here.
+    assert rows(report)[("audio/tone", True)]["safe_accuracy"] == 1.0
+    met = invoke(deaf, "--data", base_answered_manifest, "--min-accuracy", "audio/tone=1.0", "--out", tmp_path / "met")
+    assert met.exit_code == 0 and "audio capability: ok (audio/tone >= 100.0%)" in " ".join(met.output.split()), \
+        met.output
+    # Loud adapters change the answers: the same floor is missed, and the figure is named.
+    loud = variant_of(run, tmp_path, make_adapters_loud)
+    missed = invoke(loud, "--data", base_answered_manifest, "--min-accuracy", "audio/tone=1.0", "--out",
+                    tmp_path / "missed")
+    assert missed.exit_code == 1, missed.output
+    tone = rows(json.loads((tmp_path / "missed" / "report.json").read_text()))[("audio/tone", True)]["safe_accuracy"]
+    assert f"audio/tone at {tone:.1%}, below its floor 100.0%" in " ".join(missed.output.split())
+
+
+def test_audio_capability_reads_floors_and_the_gain_bound():
+    def row(task, kind, base, safe, bound):
+        return {"task": task, "kind": kind, "with_audio": True, "base_accuracy": base, "safe_accuracy": safe,
+                "delta": safe - base, "lower_bound": bound}
+
+    tasks = [row("vl/digit", "vl", 0.9, 0.9, -0.01), row("audio/digit", "audio", 0.1, 0.97, 0.82),
+             row("audio/even", "audio", 0.5, 0.58, -0.02), row("av/sum", "av", 0.0, 0.3, 0.2)]
+    hears = retention.audio_capability(tasks, {"audio/digit": 0.95, "av/sum": 0.3}, require_gain=False)
+    assert hears["ok"] and hears["failures"] == []
+    weak = retention.audio_capability(tasks, {"audio/digit": 0.98}, require_gain=True)
+    assert not weak["ok"] and weak["gain_tasks"] == ["audio/digit", "audio/even"]
+    assert weak["failures"] == ["audio/digit at 97.0%, below its floor 98.0%",
+                                "audio/even gains +8.0 pt over the base, lower bound -2.0 pt: no gain shown"]
+    with pytest.raises(ValueError, match="no audio or AV task vl/digit in this evaluation"):
+        retention.audio_capability(tasks, {"vl/digit": 0.5}, require_gain=False)
+    assert not retention.audio_capability(tasks[:1], {}, require_gain=True)["ok"]  # nothing to show a gain on
+
+
+def test_a_malformed_accuracy_floor_exits_2_before_any_work(run):
+    for bad in ("audio/digit", "audio/digit=90%", "audio/digit=1.5", "=0.9"):
+        result = subprocess.run([sys.executable, "-m", "safe_cli", "eval-retention", str(run), "--min-accuracy", bad],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "--min-accuracy: expected TASK=ACC" in result.stderr, (bad, result.stderr)
+        assert "Traceback" not in result.stderr
 
 
 def test_the_profile_test_split_on_a_run_stage_and_checkpoint(run, tmp_path):

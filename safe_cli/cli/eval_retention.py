@@ -40,6 +40,13 @@ def eval_retention(
     rule: Optional[str] = typer.Option(
         None, "--rule", metavar="RULE", help="non-inferiority or significant-harm (default: evaluation.rule, "
         "non-inferiority)."),
+    min_accuracy: Optional[List[str]] = typer.Option(
+        None, "--min-accuracy", metavar="TASK=ACC", help="Audio capability: exit 1 if SAFE answers audio or AV "
+        "task TASK below ACC (a fraction; repeatable), e.g. audio/digit=0.9. Checked with or without "
+        "--fail-on-regression."),
+    require_audio_gain: bool = typer.Option(
+        False, "--require-audio-gain", help="Audio capability: exit 1 unless every audio task gains over the base "
+        "beyond chance (one-sided 95% lower bound of SAFE - base above 0)."),
     out: Optional[str] = typer.Option(
         None, "--out", help="Folder for report.json, report.md and the PNG plots (default: "
         "<stage folder>/eval-retention, or .../eval-retention/step-N for a checkpoint)."),
@@ -79,8 +86,13 @@ def eval_retention(
     Writes report.json (schema safe.retention-report/2), report.md, deltas.png, accuracy.png and
     pareto.png.
 
-    Exit codes: 0 done (with --fail-on-regression: verdict pass); 1 verdict regression or
-    inconclusive with --fail-on-regression; 2 bad input.
+    Audio capability (promise 2): --min-accuracy floors and --require-audio-gain check that the
+    run learned to hear; its VL answers being the base's says nothing about that. The check is
+    written to report.json under "audio_capability".
+
+    Exit codes: 0 done (with --fail-on-regression: verdict pass; with a capability check: met);
+    1 verdict regression or inconclusive with --fail-on-regression, or a capability check not
+    met; 2 bad input.
 
     Examples:
 
@@ -91,11 +103,13 @@ def eval_retention(
         safe eval-retention runs/demo/soft_retention/seed-0/stage-b
 
         safe eval-retention run/stage-a/checkpoints/step-000250 --data my_eval.jsonl --max-examples 200
+
+        safe eval-retention runs/demo/soft_retention/seed-0/stage-a --min-accuracy audio/digit=0.9 --require-audio-gain
     """
     from ..data.batches import PromptBatcher
     from ..evaluation import data as eval_data
     from ..evaluation.outputs import write_report
-    from ..evaluation.retention import build_report, summary_line, task_label
+    from ..evaluation.retention import audio_capability, build_report, capability_line, summary_line, task_label
     from ..evaluation.stats import RULE_TEXT
     from ..evaluation.runs import load_decider, load_trained_model, locate
     from ..models.builder import resolve_device
@@ -103,6 +117,7 @@ def eval_retention(
     from ..rl.state import state_dim
     from .train import strategy_table
 
+    floors = parse_floors(min_accuracy or [])
     trained = locate(run)
     resolved = load_profile(profile or str(trained.profile_path), set_ or [])
     evaluation = resolved.evaluation
@@ -133,6 +148,13 @@ def eval_retention(
         bootstrap_samples=evaluation.bootstrap_samples, batch_size=batch_size or evaluation.batch_size,
         max_examples=max_examples or evaluation.max_examples, seed=seed, context=context, rule=rule, **decider,
     )
+    capability = None
+    if floors or require_audio_gain:
+        try:
+            capability = audio_capability(report["tasks"], floors, require_audio_gain)
+        except ValueError as error:
+            raise SafeError(f"--min-accuracy: {error}") from None
+        report["audio_capability"] = capability
     default_out = trained.stage_dir / "eval-retention"
     if trained.step is not None:
         default_out = default_out / f"step-{trained.step:06d}"
@@ -162,8 +184,32 @@ def eval_retention(
             report["verdict"], "bold red")))
         console.print(f"SAFE's budgets: {report['strategy']}; report: {paths['report.md']} "
                       "(+ report.json, deltas.png, accuracy.png, pareto.png)")
+        if capability is not None:
+            console.print(Text(capability_line(capability), style="green" if capability["ok"] else "bold red"))
     if dataset.skipped:
         err_console.print(f"skipped {len(dataset.skipped)} unreadable file(s); listed in report.json under 'skipped'")
+    failed = False
     if fail_on_regression and report["verdict"] != "pass":
         err_console.print(Text(f"error: {summary_line(report)}", style="bold red"), highlight=False)
+        failed = True
+    if capability is not None and not capability["ok"]:
+        err_console.print(Text(f"error: {capability_line(capability)}", style="bold red"), highlight=False)
+        failed = True
+    if failed:
         raise typer.Exit(1)
+
+
+def parse_floors(items: list[str]) -> dict[str, float]:
+    """--min-accuracy TASK=ACC items as {task: fraction}; a malformed one is a SafeError (exit 2)."""
+    floors = {}
+    for item in items:
+        task, sep, value = item.partition("=")
+        try:
+            floor = float(value)
+        except ValueError:
+            floor = None
+        if not sep or not task.strip() or floor is None or not 0.0 <= floor <= 1.0:
+            raise SafeError(f"--min-accuracy: expected TASK=ACC with ACC a fraction in [0, 1] "
+                            f"(e.g. audio/digit=0.9), got {item!r}")
+        floors[task.strip()] = floor
+    return floors

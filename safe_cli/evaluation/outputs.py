@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write, atomic_write_text, write_json
-from .retention import task_label
+from .retention import capability_line, task_label
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -66,6 +66,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['correction']} correction across the report's tasks)",
         f"- Bypass: {'bit-exact' if bypass['bit_exact'] else '**NOT bit-exact**'}, max |Δ logit| "
         f"{bypass['max_abs_logit_diff']:.3g} over {bypass['n']} budget-0 rows ({bypass['source']})",
+    ]
+    if report.get("audio_capability"):
+        lines.append(f"- {capability_line(report['audio_capability'])}")
+    lines += [
         "",
         "| task | n | base | SAFE | Δ (points) | 95% CI | p (Holm) | lower bound | audio used | verdict |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---|",

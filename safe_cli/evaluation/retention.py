@@ -207,6 +207,50 @@ def build_report(model, batcher, pool: RecordPool, *, budgets: list[int], cost_m
     }
 
 
+CAPABILITY_KINDS = ("audio", "av")  # what the base could not do: promise 2's tasks
+
+
+def audio_capability(tasks: list[dict[str, Any]], floors: dict[str, float], require_gain: bool) -> dict[str, Any]:
+    """Promise 2 (audio capability) as a check: accuracy floors per audio task, and a gain over the base.
+
+    ``floors`` maps an audio or AV task to the lowest SAFE accuracy (a fraction) it may end at;
+    ``require_gain`` asks every audio task (kind "audio") to gain over the base beyond chance:
+    the one-sided lower confidence bound of SAFE - base, the same bound the retention verdicts
+    read, above zero. A run whose encoder never learned to hear fails either, though its VL
+    answers are the base's. An unknown task in ``floors`` is a ``ValueError`` naming the known.
+    """
+    rows = {row["task"]: row for row in tasks if row["kind"] in CAPABILITY_KINDS}
+    unknown = sorted(set(floors) - set(rows))
+    if unknown:
+        raise ValueError(f"no audio or AV task {', '.join(unknown)} in this evaluation (it has: "
+                         f"{', '.join(sorted(rows)) or 'none'})")
+    failures = []
+    for task, floor in sorted(floors.items()):
+        accuracy = rows[task]["safe_accuracy"]
+        if accuracy < floor:
+            failures.append(f"{task} at {accuracy:.1%}, below its floor {floor:.1%}")
+    audio_tasks = sorted(task for task, row in rows.items() if row["kind"] == "audio")
+    if require_gain:
+        for task in audio_tasks:
+            row = rows[task]
+            if not row["lower_bound"] > 0:
+                failures.append(f"{task} gains {100 * row['delta']:+.1f} pt over the base, lower bound "
+                                f"{100 * row['lower_bound']:+.1f} pt: no gain shown")
+        if not audio_tasks:
+            failures.append("no audio task in this evaluation to show a gain on")
+    return {"floors": dict(sorted(floors.items())), "require_gain": require_gain,
+            "gain_tasks": audio_tasks if require_gain else [], "failures": failures, "ok": not failures}
+
+
+def capability_line(capability: dict[str, Any]) -> str:
+    if capability["ok"]:
+        checked = [f"{task} >= {floor:.1%}" for task, floor in capability["floors"].items()]
+        if capability["require_gain"]:
+            checked.append("a gain on " + ", ".join(capability["gain_tasks"]))
+        return "audio capability: ok (" + "; ".join(checked) + ")"
+    return "audio capability: FAILED: " + "; ".join(capability["failures"])
+
+
 def summary_line(report: dict[str, Any]) -> str:
     bypass = report["bypass"]
     parts = [f"verdict: {report['verdict']} ({report['rule']})"]
