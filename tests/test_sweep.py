@@ -366,14 +366,16 @@ def test_help_names_the_subcommands_and_examples(tmp_path):
     assert "run-task" not in result.stdout
 
 
-def test_sigterm_stops_the_sweep_and_records_runs_as_interrupted(tmp_path):
-    out, _ = _fake(tmp_path, seconds=30)
-    code = textwrap.dedent(f"""
-        import sys
+def _local_sweep_script(out, tmp_path, before=""):
+    """A Python program that runs a two-run local sweep of 30 s fake trainings and prints its outcome;
+    ``before`` is code run first (it may patch the sweep's modules)."""
+    return textwrap.dedent("""
+        import os, signal, sys
         from pathlib import Path
-        from safe_cli.sweep import grid
+        from safe_cli.sweep import grid, runner
         from safe_cli.sweep.local import run_local
         from safe_cli.sweep.manifest import Manifest
+    """) + textwrap.dedent(before) + textwrap.dedent(f"""
         out = Path({str(out)!r})
         m = Manifest(profile="demo", profile_name="demo", overrides=[], variants=["v1", "v2"], seeds=[1],
                      stages=["a"], settings={{}})
@@ -383,8 +385,12 @@ def test_sigterm_stops_the_sweep_and_records_runs_as_interrupted(tmp_path):
                             command=command)
         print("interrupted" if outcome.interrupted else "finished", sorted(outcome.executed.items()), flush=True)
     """)
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+
+
+def test_sigterm_stops_the_sweep_and_records_runs_as_interrupted(tmp_path):
+    out, _ = _fake(tmp_path, seconds=30)
+    process = subprocess.Popen([sys.executable, "-c", _local_sweep_script(out, tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     path = out / "sweep-state" / "v1.seed-1.stage-a.json"
     for _ in range(200):
         if path.exists():
@@ -403,26 +409,13 @@ def test_a_signal_that_comes_while_a_run_is_starting_still_stops_it(tmp_path):
     # The race CI hit: SIGTERM lands after the training process exists but before the sweep has
     # it among its running runs. Here the signal is sent from inside runner.start, every time.
     out, _ = _fake(tmp_path, seconds=30)
-    code = textwrap.dedent(f"""
-        import os, signal, sys
-        from pathlib import Path
-        from safe_cli.sweep import grid, runner
-        from safe_cli.sweep.local import run_local
-        from safe_cli.sweep.manifest import Manifest
+    code = _local_sweep_script(out, tmp_path, before="""
         real_start = runner.start
         def start_then_signal(*args, **kwargs):
             process = real_start(*args, **kwargs)
             os.kill(os.getpid(), signal.SIGTERM)
             return process
         runner.start = start_then_signal
-        out = Path({str(out)!r})
-        m = Manifest(profile="demo", profile_name="demo", overrides=[], variants=["v1", "v2"], seeds=[1],
-                     stages=["a"], settings={{}})
-        command = lambda run: [sys.executable, {str(tmp_path / 'fake_train.py')!r}, str(grid.stage_path(out, run)),
-                               run.variant, "30"]
-        outcome = run_local(out, m, grid.expand(m.variants, m.seeds, m.stages), parallel=1, say=print,
-                            command=command)
-        print("interrupted" if outcome.interrupted else "finished", sorted(outcome.executed.items()), flush=True)
     """)
     began = time.monotonic()
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
