@@ -6,7 +6,8 @@ unchanged spec is found again. Entries are built in a temporary folder and renam
 under a file lock: a crash leaves no half-built entry, and two processes asking for the same
 entry build it once.
 
-Root: ``$SAFE_CACHE_DIR``, else ``~/.cache/safe``.
+Root: ``$SAFE_CACHE_DIR``, else ``$XDG_CACHE_HOME/safe``, else ``~/.cache/safe``. As the XDG base
+directory spec says, an empty or relative ``XDG_CACHE_HOME`` is ignored.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from typing import Any, Callable, Iterator
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SAFE_CACHE_DIR") or Path.home() / ".cache" / "safe").expanduser()
+    """Where cached entries live: ``SAFE_CACHE_DIR``, else ``$XDG_CACHE_HOME/safe``, else ``~/.cache/safe``."""
+    if os.environ.get("SAFE_CACHE_DIR"):
+        return Path(os.environ["SAFE_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg and Path(xdg).is_absolute():  # the spec: a relative path is invalid and is ignored
+        return Path(xdg) / "safe"
+    return Path.home() / ".cache" / "safe"
 
 
 def spec_key(spec: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """safe prepare: the built-in foundation models are built once, cached by content, loaded by real loaders."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -104,3 +105,22 @@ def test_shifting_processed_pixels_equals_processing_shifted_images():
     expected = process(np.stack([_shift(image, rng) for image in images]))
     torch.testing.assert_close(shifted, expected)
     assert not torch.equal(shifted, process(images))  # it did move something
+
+
+@pytest.mark.parametrize("safe_dir, xdg, expected", [
+    ("/data/safe-cache", "/xdg", "/data/safe-cache"),      # SAFE_CACHE_DIR wins
+    (None, "/xdg", "/xdg/safe"),                             # then XDG_CACHE_HOME
+    (None, "", "~/.cache/safe"),                             # empty: unset, per the XDG spec
+    (None, "relative/dir", "~/.cache/safe"),                 # relative: invalid, per the XDG spec
+    (None, None, "~/.cache/safe"),
+])
+def test_the_cache_honours_safe_cache_dir_then_xdg_cache_home(monkeypatch, tmp_path, safe_dir, xdg, expected):
+    from safe_cli.cache import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name, value in (("SAFE_CACHE_DIR", safe_dir), ("XDG_CACHE_HOME", xdg)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert cache_root() == Path(expected.replace("~", str(tmp_path)))

@@ -23,9 +23,9 @@ def prepare(
 
     The tiny models are pretrained on the profile's AV-digits source: the LLaVA on the VL and
     text questions, the Whisper encoder on spoken-digit recognition (its head discarded). They
-    are cached under $SAFE_CACHE_DIR (default ~/.cache/safe) by a hash of their config, their
-    pretraining settings and the data's content, so a second run only loads them. Real-model
-    profiles (hf-llava, whisper, ...) are loaded as they are.
+    are cached under $SAFE_CACHE_DIR (else $XDG_CACHE_HOME/safe, else ~/.cache/safe) by a hash
+    of their config, their pretraining settings and the data's content, so a second run only
+    loads them. Real-model profiles (hf-llava, whisper, ...) are loaded as they are.
 
     Reports the frozen base's accuracy per task on the test split (audio questions without
     audio: the base cannot hear, so these sit at chance) and a linear-probe digit accuracy of
