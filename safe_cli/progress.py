@@ -6,10 +6,11 @@ import contextlib
 import os
 from typing import Callable, Iterator
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-_console = Console(stderr=True)
+from .tables import make_console
+
+_console = make_console(stderr=True)  # off a terminal (a batch job's log): 120 columns, as the tables
 
 
 @contextlib.contextmanager

@@ -6,9 +6,9 @@ import time
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
 from ..errors import RunFailed
+from ..tables import key_value_table
 from .common import ProfileOption, SetOption, console, handle_errors, resolve_profile
 
 
@@ -47,30 +47,28 @@ def check(
     budgets = [0 if i % 2 == 0 else positive[(i // 2) % len(positive)] for i in range(batch_size)]
     result = check_bypass(model, budgets, seed=resolved.seed)
 
-    table = Table(title=f"safe check: {resolved.name}", show_header=False)
-    table.add_column(no_wrap=True)
-    table.add_column(overflow="fold")  # fingerprints are compared by eye: never cut them short
-    table.add_row("base", f"{resolved.base.kind}: {model.base.num_layers} LLM layers, hidden {model.base.hidden_size}")
-    table.add_row("base parameters (frozen)", f"{_count(model.base_model.parameters()):,}")
+    rows = [("base", f"{resolved.base.kind}: {model.base.num_layers} LLM layers, hidden {model.base.hidden_size}"),
+            ("base parameters (frozen)", f"{_count(model.base_model.parameters()):,}")]
     encoder = model.audio_encoder
-    table.add_row("audio encoder (frozen)", f"{resolved.audio_encoder.kind}: {_count(encoder.parameters()):,} params, "
-                  f"features {encoder.feature_dim}-d at {encoder.sample_rate} Hz")
-    table.add_row("trainable: projector", f"{_count(p for p in model.projector.parameters() if p.requires_grad):,}")
-    table.add_row("trainable: fusion", f"{_count(p for p in model.fusion.parameters() if p.requires_grad):,} "
-                  f"(layers {model.fusion.layers}, LoRA: {model.fusion.uses_lora})")
+    rows.append(("audio encoder (frozen)", f"{resolved.audio_encoder.kind}: {_count(encoder.parameters()):,} params, "
+                 f"features {encoder.feature_dim}-d at {encoder.sample_rate} Hz"))
+    rows.append(("trainable: projector", f"{_count(p for p in model.projector.parameters() if p.requires_grad):,}"))
+    rows.append(("trainable: fusion", f"{_count(p for p in model.fusion.parameters() if p.requires_grad):,} "
+                 f"(layers {model.fusion.layers}, LoRA: {model.fusion.uses_lora})"))
     prompt = model.base.prompt_format
     if prompt is not None:  # what a real checkpoint is asked, and where its answers end: check them by eye
-        table.add_row("prompt", f"{prompt.name}: {prompt.describe()!r}")
+        rows.append(("prompt", f"{prompt.name}: {prompt.describe()!r}"))
         tokens = model.base.processor.tokenizer.convert_ids_to_tokens(model.base.end_ids)
-        table.add_row("end of answer ids", ", ".join(f"{i} ({t!r})" for i, t in zip(model.base.end_ids, tokens)))
-    table.add_row("base fingerprint", model.base_fingerprint())
-    table.add_row("load time", f"{load_seconds:.1f} s on {target}")
-    table.add_row("probe budgets", str(budgets))
+        rows.append(("end of answer ids", ", ".join(f"{i} ({t!r})" for i, t in zip(model.base.end_ids, tokens))))
+    # Fingerprints are compared by eye: the table folds a long value onto the next line, never cuts it short.
+    rows.append(("base fingerprint", model.base_fingerprint()))
+    rows.append(("load time", f"{load_seconds:.1f} s on {target}"))
+    rows.append(("probe budgets", str(budgets)))
     verdict = "[green]bit-exact[/]" if result.bit_exact else "[bold red]NOT exact[/]"
-    table.add_row("bypass (budget 0 rows)", f"{verdict}, max |Δlogit| = {result.max_abs_logit_diff:g} "
-                  f"over {result.n_bypass_rows} rows")
-    table.add_row("audio rows", f"max |Δlogit| = {result.audio_rows_max_diff:.4g} over {result.n_audio_rows} rows")
-    console.print(table)
+    rows.append(("bypass (budget 0 rows)", f"{verdict}, max |Δlogit| = {result.max_abs_logit_diff:g} "
+                 f"over {result.n_bypass_rows} rows"))
+    rows.append(("audio rows", f"max |Δlogit| = {result.audio_rows_max_diff:.4g} over {result.n_audio_rows} rows"))
+    console.print(key_value_table(f"safe check: {resolved.name}", rows))
     if not result.bit_exact:
         raise RunFailed("bypass is not bit-exact: budget-0 rows differ from the base's own forward")
     if result.audio_rows_max_diff == 0.0:

@@ -7,15 +7,15 @@ import sys
 from typing import Callable, List, Optional
 
 import typer
-from rich.console import Console
 from rich.text import Text
 
 from ..config import ProfileError, load_profile
 from ..config.schema import Profile
 from ..errors import SafeError
+from ..tables import make_console
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+console = make_console(soft_wrap=True)
+err_console = make_console(stderr=True, soft_wrap=True)
 
 
 class State:

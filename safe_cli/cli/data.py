@@ -11,6 +11,7 @@ import typer
 from .common import ProfileOption, SetOption, console, handle_errors, resolve_profile
 
 data_app = typer.Typer(help="Data tools: export the built-in AV-digits benchmark as manifests.\n\n"
+                            "Run `safe data export --help` for its options and more examples.\n\n"
                             "Example:\n\n    safe data export avdigits --out avdigits-export",
                        no_args_is_help=True)
 
@@ -37,9 +38,11 @@ def export(
 
         safe data export avdigits --out avdigits-export
 
-        SAFE_DATA_ROOT=../shared/data safe data export avdigits --profile avdigits --out fsdd-export
+        SAFE_DATA_ROOT=../shared/data safe data export avdigits --profile avdigits \\
+            --out fsdd-export
 
-        safe train --stage a --set data.source=manifest --set data.train_manifests=[avdigits-export/train.jsonl] \\
+        safe train --stage a --set data.source=manifest \\
+            --set data.train_manifests=[avdigits-export/train.jsonl] \\
             --set data.validation_manifests=[avdigits-export/validation.jsonl] \\
             --set data.eval_manifests=[avdigits-export/test.jsonl]
     """

@@ -66,7 +66,7 @@ def distill_policy(
     giving audio. Its threshold is calibrated on validation examples (fresh pairings of the
     training split) for training.stage_c.target: "accuracy" keeps target_value of the policy's
     accuracy with the least audio; "audio_usage" gives audio to about target_value of the
-    examples with a clip. Writes <run>/stage-c/gate.safetensors + gate.json (load them with
+    examples with a clip. Writes `<run>/stage-c/gate.safetensors` + gate.json (load them with
     safe_cli.deploy.AudioGate.load) and a summary comparing always-k, the oracle, the policy and
     the gate on the test split. `safe eval-retention RUN_DIR` then evaluates with the gate.
 
@@ -76,7 +76,9 @@ def distill_policy(
 
         safe distill-policy runs/demo/soft_retention/seed-0
 
-        safe distill-policy runs/avdigits/full_retention/seed-1 --set training.stage_c.target=audio_usage --set training.stage_c.target_value=0.5
+        safe distill-policy runs/avdigits/full_retention/seed-1 \\
+            --set training.stage_c.target=audio_usage \\
+            --set training.stage_c.target_value=0.5
     """
     folder, variant, seed, saved_profile = _run_folder(run)
     resolved = resolve_profile(profile or saved_profile, set_)

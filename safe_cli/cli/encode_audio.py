@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from ..errors import RunFailed, SafeError
+from ..tables import key_value_table
 from .common import ProfileOption, SetOption, console, err_console, handle_errors, resolve_profile
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aac", ".webm")
@@ -115,7 +115,8 @@ def encode_audio(
 
         safe encode-audio --input ../shared/data/fsdd/recordings --output features/
 
-        safe encode-audio --input data/train.jsonl --output features/ --encoder whisper --device cuda --strict
+        safe encode-audio --input data/train.jsonl --output features/ \\
+            --encoder whisper --device cuda --strict
     """
     if encoder_kind is not None and encoder_kind not in ENCODER_KINDS:
         raise SafeError(f"--encoder: expected one of {', '.join(ENCODER_KINDS)}, got {encoder_kind!r}")
@@ -151,17 +152,13 @@ def encode_audio(
                           "trim_to_clip": trimmed, **dataclasses.asdict(report)}, sort_keys=True))
     else:
         title = f"safe encode-audio: {resolved.audio_encoder.kind} features" + (", trimmed to the clip" if trimmed else "")
-        table = Table(title=title, show_header=False)
-        table.add_column(no_wrap=True)
-        table.add_column(justify="right", overflow="fold")
-        for label, value in (
+        rows = [
             ("clips (input files)", report.total), ("unique (by content)", report.unique),
             ("reused from cache", report.reused), ("encoded now", report.encoded), ("failed", report.failed),
             ("shards written", report.shards_written), ("clips/s", f"{report.clips_per_second:.1f}"),
             ("cache", os.path.abspath(cache.directory)),
-        ):
-            table.add_row(label, str(value))
-        console.print(table)
+        ]
+        console.print(key_value_table(title, [(label, str(value)) for label, value in rows], justify="right"))
 
     if report.failures:
         listing = [f"{path}: {reason}" for path, reason in report.failures[:LISTED_FAILURES]]

@@ -8,11 +8,11 @@ from typing import List, Optional
 
 import typer
 from rich import box
-from rich.table import Table
 from rich.text import Text
 
 from ..config import load_profile
 from ..errors import SafeError
+from ..tables import ReportTable
 from .common import SetOption, console, err_console, handle_errors
 
 
@@ -49,7 +49,7 @@ def eval_retention(
         "beyond chance (one-sided 95% lower bound of SAFE - base above 0)."),
     out: Optional[str] = typer.Option(
         None, "--out", help="Folder for report.json, report.md and the PNG plots (default: "
-        "<stage folder>/eval-retention, or .../eval-retention/step-N for a checkpoint)."),
+        "`<stage folder>/eval-retention`, or `.../eval-retention/step-N` for a checkpoint)."),
     max_examples: Optional[int] = typer.Option(
         None, "--max-examples", min=1, help="At most N examples per task and audio condition "
         "(default: evaluation.max_examples, else all)."),
@@ -98,18 +98,21 @@ def eval_retention(
 
         safe eval-retention runs/demo/soft_retention/seed-0
 
-        safe eval-retention runs/avdigits/full_retention/seed-0/stage-a --fail-on-regression --out reports/full
+        safe eval-retention runs/avdigits/full_retention/seed-0/stage-a \\
+            --fail-on-regression --out reports/full
 
         safe eval-retention runs/demo/soft_retention/seed-0/stage-b
 
-        safe eval-retention run/stage-a/checkpoints/step-000250 --data my_eval.jsonl --max-examples 200
+        safe eval-retention run/stage-a/checkpoints/step-000250 \\
+            --data my_eval.jsonl --max-examples 200
 
-        safe eval-retention runs/demo/soft_retention/seed-0/stage-a --min-accuracy audio/digit=0.9 --require-audio-gain
+        safe eval-retention runs/demo/soft_retention/seed-0/stage-a \\
+            --min-accuracy audio/digit=0.9 --require-audio-gain
     """
     from ..data.batches import PromptBatcher
     from ..evaluation import data as eval_data
     from ..evaluation.outputs import write_report
-    from ..evaluation.retention import audio_capability, build_report, capability_line, summary_line, task_label
+    from ..evaluation.retention import audio_capability, build_report, capability_line, summary_line
     from ..evaluation.stats import RULE_TEXT
     from ..evaluation.runs import load_decider, load_trained_model, locate
     from ..models.builder import resolve_device
@@ -163,20 +166,7 @@ def eval_retention(
     if json_output:
         print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1, sort_keys=True))
     else:
-        table = Table(title=f"retention: {trained.variant or 'SAFE'} vs base; +clip = with a distractor clip",
-                      box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in ("task", "n", "base", "SAFE", "Δ pt", "95% CI", "p", "low pt", "audio", "verdict"):
-            table.add_column(column, justify="left" if column in ("task", "verdict") else "right", no_wrap=True)
-        for row in report["tasks"]:
-            lo, hi = row["ci95"]
-            table.add_row(
-                task_label(row, " +clip"), str(row["n"]), f"{row['base_accuracy']:.1%}", f"{row['safe_accuracy']:.1%}",
-                f"{100 * row['delta']:+.1f}", "–" if lo is None else f"{100 * lo:+.1f},{100 * hi:+.1f}",
-                f"{row['p_value']:.2g}", f"{100 * row['lower_bound']:+.1f}",
-                f"{row['audio_usage_rate']:.0%}" if row["with_audio"] and "audio_usage_rate" in row else "",
-                row["verdict_task"], style=VERDICT_STYLE.get(row["verdict_task"]),
-            )
-        console.print(table)
+        console.print(retention_table(report["tasks"], trained.variant))
         console.print(strategy_table("accuracy and audio compute on the examples with a clip",
                                      [p for p in report["strategies"] if p["kind"] != "gate-curve"]))
         console.print(dataset.description)
@@ -197,6 +187,28 @@ def eval_retention(
         failed = True
     if failed:
         raise typer.Exit(1)
+
+
+def retention_table(tasks: list[dict], variant: Optional[str]) -> ReportTable:
+    """One row per task of report.json: both accuracies, the delta with its interval and bound, the verdict."""
+    from ..evaluation.retention import task_label
+
+    table = ReportTable(title=f"retention: {variant or 'SAFE'} vs base; +clip = with a distractor clip",
+                        box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_text_column("task")
+    for column in ("n", "base", "SAFE", "Δ pt", "95% CI", "p", "low pt", "audio"):
+        table.add_number_column(column)
+    table.add_text_column("verdict")
+    for row in tasks:
+        lo, hi = row["ci95"]
+        table.add_row(
+            task_label(row, " +clip"), str(row["n"]), f"{row['base_accuracy']:.1%}", f"{row['safe_accuracy']:.1%}",
+            f"{100 * row['delta']:+.1f}", "–" if lo is None else f"{100 * lo:+.1f},{100 * hi:+.1f}",
+            f"{row['p_value']:.2g}", f"{100 * row['lower_bound']:+.1f}",
+            f"{row['audio_usage_rate']:.0%}" if row["with_audio"] and "audio_usage_rate" in row else "",
+            row["verdict_task"], style=VERDICT_STYLE.get(row["verdict_task"]),
+        )
+    return table
 
 
 def parse_floors(items: list[str]) -> dict[str, float]:

@@ -19,8 +19,15 @@ from .validate import validate
 app = typer.Typer(
     name="safe",
     help="SAFE: add audio understanding to a frozen vision-language model without regressing it.\n\n"
+    # A prose paragraph before the examples: typer dedents what follows the first paragraph, so examples
+    # alone there would lose their indentation and not be shown as a (verbatim) code block.
+    "Run `safe COMMAND --help` for a command's options and more examples.\n\n"
     "Examples:\n\n    safe validate demo\n\n    safe data export avdigits --out avdigits-export\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe train --stage b --variant soft_retention\n\n    safe distill-policy runs/demo/soft_retention/seed-0\n\n    safe eval-retention runs/demo/soft_retention/seed-0\n\n    safe sweep --variants no_retention,soft_retention --seeds 1,2 --stages a,b\n\n    torchrun --standalone --nproc_per_node 2 -m safe_cli train --stage a\n\n    safe validate llava15-7b-whisper-small --estimate\n\n    safe check --profile demo",
     no_args_is_help=True,
+    # Markdown: docstring paragraphs are reflowed to the terminal's width (rich mode keeps their hard line
+    # breaks, cutting sentences short at 80 columns) and the indented example commands are code blocks, shown
+    # verbatim. Paths like <run>/... must be in backticks there, or markdown takes <run> for an HTML tag.
+    rich_markup_mode="markdown",
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -7,8 +7,8 @@ import json
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
+from ..tables import ReportTable
 from .common import ProfileOption, SetOption, console, handle_errors, resolve_profile
 
 
@@ -46,14 +46,8 @@ def prepare(
         print(json.dumps({"profile": resolved.name, **dataclasses.asdict(report)}, indent=1, sort_keys=True))
         return
 
-    table = Table(title=f"frozen base on the {resolved.data.source} test split ({resolved.data.num_eval} per task)")
-    table.add_column("task")
-    table.add_column("accuracy", justify="right")
-    table.add_column("needs")
-    for task, accuracy in report.base_accuracy.items():
-        needs = {"vl": "image", "text": "nothing", "audio": "audio (base cannot hear)", "av": "image + audio"}
-        table.add_row(task, f"{accuracy:.1%}", needs[task.split("/")[0]])
-    console.print(table)
+    console.print(base_accuracy_table(f"frozen base on the {resolved.data.source} test split "
+                                      f"({resolved.data.num_eval} per task)", report.base_accuracy))
     if report.audio_probe_accuracy is not None:
         console.print(f"audio encoder linear probe (spoken digit, test split): {report.audio_probe_accuracy:.1%}")
     for name, path, built in (("base", report.base_path, report.base_built),
@@ -62,3 +56,14 @@ def prepare(
             seconds = report.pretraining.get("base" if name == "base" else "audio_encoder", {}).get("wall_seconds")
             how = f"pretrained now in {seconds:.0f} s" if built else f"from the cache (pretraining took {seconds:.0f} s)"
             console.print(f"{name}: {path} ({how})")
+
+
+def base_accuracy_table(title: str, base_accuracy: dict[str, float]) -> ReportTable:
+    table = ReportTable(title=title)
+    table.add_text_column("task")
+    table.add_number_column("accuracy")
+    table.add_text_column("needs")
+    needs = {"vl": "image", "text": "nothing", "audio": "audio (base cannot hear)", "av": "image + audio"}
+    for task, accuracy in base_accuracy.items():
+        table.add_row(task, f"{accuracy:.1%}", needs[task.split("/")[0]])
+    return table

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from ..errors import RunFailed, SafeError
+from ..tables import ReportTable
 from .common import console, err_console, handle_errors, resolve_profile
 
 sweep_app = typer.Typer(
@@ -32,8 +32,9 @@ def sweep(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds: 1,2,3 or 1-3 (default: sweep.seeds)."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Stages a,b,c; b runs after a of the same variant "
                                          "and seed, c after b (default: sweep.stages)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Sweep folder; runs go to <out>/<variant>/seed-<N> "
-                                      "(default: <runs_dir>/<profile name>, where safe train puts them too)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Sweep folder; runs go to "
+                                      "`<out>/<variant>/seed-<N>` (default: `<runs_dir>/<profile name>`, where safe train puts "
+                                      "them too)."),
     set_: Optional[List[str]] = typer.Option(
         None, "--set", "-s", metavar="KEY=VALUE", help="Override a profile key for every run (repeatable; default: "
         "the sweep's own). sweep.* keys (SLURM options) may change between reruns, others may not."),
@@ -50,7 +51,7 @@ def sweep(
     of the same variant and seed is then marked blocked). Rerunning the same command finishes
     only what is missing. At the end it writes report.json/.md/.png in the sweep folder.
 
-    --slurm writes <out>/slurm/stage-<x>.sbatch, one array task per variant x seed, stage b's
+    --slurm writes `<out>/slurm/stage-<x>.sbatch`, one array task per variant x seed, stage b's
     task i depending on stage a's task i (aftercorr), options from the profile's sweep.slurm
     section; submits them with sbatch --parsable, then a small job that writes the report.
     Before the time limit a task gets USR1, checkpoints and requeues itself; it resumes.
@@ -63,11 +64,13 @@ def sweep(
 
     Examples:
 
-        safe sweep --variants no_retention,soft_retention --seeds 1,2 --out runs/sweep1
+        safe sweep --variants no_retention,soft_retention --seeds 1,2 \\
+            --out runs/sweep1
 
         safe sweep --profile avdigits --parallel 2
 
-        safe sweep --slurm --stages a,b --set sweep.slurm.partition=gpu --set sweep.slurm.gpus=1
+        safe sweep --slurm --stages a,b --set sweep.slurm.partition=gpu \\
+            --set sweep.slurm.gpus=1
 
         safe sweep --slurm --dry-run --out runs/sweep1
 
@@ -171,10 +174,13 @@ def _submit(out_dir: Path, kept, config, stages: list[str], dry_run: bool) -> No
         "the others resume", highlight=False)
 
 
-def _status_table(rows) -> Table:
-    table = Table(title="runs")
+def _status_table(rows) -> ReportTable:
+    table = ReportTable(title="runs")
     for column in ("variant", "seed", "stage", "state", "tries", "exit", "time", "detail"):
-        table.add_column(column, justify="right" if column in ("seed", "tries", "exit", "time") else "left")
+        if column in ("seed", "tries", "exit", "time"):
+            table.add_number_column(column)
+        else:
+            table.add_text_column(column)
     styles = {"done": "green", "failed": "red", "blocked": "red", "running": "cyan", "queued": "yellow"}
     for row in rows:
         shown = row["shown"]
@@ -186,13 +192,16 @@ def _status_table(rows) -> Table:
     return table
 
 
-def _comparison_table(report) -> Table:
+def _comparison_table(report) -> ReportTable:
     from ..sweep.report import METRICS, failure_text, fmt, verdict_text
 
-    table = Table(title=f"sweep {report['profile']}: mean ± std over seeds")
-    for column in ("variant", "stage", "done", *METRICS.values(), "verdicts", "failed"):
-        table.add_column(column, justify="left" if column in ("variant", "stage") else "right",
-                         no_wrap=column == "variant")
+    table = ReportTable(title=f"sweep {report['profile']}: mean ± std over seeds")
+    table.add_text_column("variant")
+    table.add_text_column("stage")
+    for column in ("done", *METRICS.values()):
+        table.add_number_column(column)
+    table.add_text_column("verdicts", justify="right")
+    table.add_text_column("failed", justify="right")
     for row in report["rows"]:
         table.add_row(row["variant"], row["stage"], f"{row['done']}/{row['runs']}",
                       *[fmt(key, row["metrics"][key]) for key in METRICS], verdict_text(row.get("verdicts") or {}),

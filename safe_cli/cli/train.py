@@ -7,9 +7,9 @@ import os
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
 from ..errors import SafeError
+from ..tables import ReportTable
 from .common import ProfileOption, SetOption, console, handle_errors, resolve_profile
 
 
@@ -24,7 +24,7 @@ def train(
     ),
     profile: str = ProfileOption,
     run_dir: Optional[str] = typer.Option(
-        None, "--run-dir", help="The run's folder (default: <runs_dir>/<profile>/<variant>/seed-<seed>)."
+        None, "--run-dir", help="The run's folder (default: `<runs_dir>/<profile>/<variant>/seed-<seed>`)."
     ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the trainable parts and batch order "
                                        "(default: the profile's seed). The data stays the profile's."),
@@ -55,13 +55,15 @@ def train(
 
         safe train --stage a --variant soft_retention
 
-        safe train --stage a --variant full_retention --profile avdigits --seed 2 --set training.stage_a.steps=600
+        safe train --stage a --variant full_retention --profile avdigits --seed 2 \\
+            --set training.stage_a.steps=600
 
         safe train --stage a --run-dir runs/demo/soft_retention/seed-0 --resume
 
         safe train --stage b --variant soft_retention
 
-        safe train --stage c --variant soft_retention --set training.stage_c.target=audio_usage
+        safe train --stage c --variant soft_retention \\
+            --set training.stage_c.target=audio_usage
     """
     try:
         _train(stage, variant, profile, run_dir, seed, resume, set_, device, json_output)
@@ -99,15 +101,8 @@ def _train(stage, variant, profile, run_dir, seed, resume, set_, device, json_ou
         print(json.dumps({"stage_dir": str(result.stage_dir), **summary}, indent=1, sort_keys=True))
         return
 
-    table = Table(title=f"stage A, {result.variant}, seed {result.seed}: base vs SAFE on the evaluation records")
-    for column in ("task", "audio clip", "n", "base", "SAFE", "Δ"):
-        table.add_column(column, justify="left" if column in ("task", "audio clip") else "right")
-    for task in result.tasks:
-        row = task.summary()
-        clip = "spoken" if row["kind"] in ("audio", "av") else ("distractor" if row["with_audio"] else "none")
-        table.add_row(row["task"], clip, str(row["n"]), f"{row['base_accuracy']:.1%}", f"{row['safe_accuracy']:.1%}",
-                      f"{100 * row['delta']:+.1f}")
-    console.print(table)
+    console.print(stage_a_table(f"stage A, {result.variant}, seed {result.seed}: base vs SAFE on the evaluation "
+                                "records", [task.summary() for task in result.tasks]))
     if result.audio_digit_by_budget:
         budgets = ", ".join(f"{k} tokens {v:.1%}" for k, v in result.audio_digit_by_budget.items())
         console.print(f"{result.audio_task} by budget: {budgets}")
@@ -121,10 +116,25 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def strategy_table(title: str, points: list[dict]) -> Table:
-    table = Table(title=title)
-    for column in ("strategy", "accuracy", "audio q.", "distractor q.", "audio usage", "mean k", "rel. compute"):
-        table.add_column(column, justify="left" if column == "strategy" else "right")
+def stage_a_table(title: str, rows: list[dict]) -> ReportTable:
+    """Base vs SAFE per task, from the tasks' summary() rows."""
+    table = ReportTable(title=title)
+    table.add_text_column("task")
+    table.add_text_column("audio clip")
+    for column in ("n", "base", "SAFE", "Δ"):
+        table.add_number_column(column)
+    for row in rows:
+        clip = "spoken" if row["kind"] in ("audio", "av") else ("distractor" if row["with_audio"] else "none")
+        table.add_row(row["task"], clip, str(row["n"]), f"{row['base_accuracy']:.1%}", f"{row['safe_accuracy']:.1%}",
+                      f"{100 * row['delta']:+.1f}")
+    return table
+
+
+def strategy_table(title: str, points: list[dict]) -> ReportTable:
+    table = ReportTable(title=title)
+    table.add_text_column("strategy")
+    for column in ("accuracy", "audio q.", "distractor q.", "audio usage", "mean k", "rel. compute"):
+        table.add_number_column(column)
     for point in points:
         table.add_row(point["strategy"], f"{point['accuracy']:.1%}", f"{point['audio_accuracy']:.1%}",
                       f"{point['retention_accuracy']:.1%}", f"{point['audio_usage_rate']:.1%}",

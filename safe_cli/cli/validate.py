@@ -11,9 +11,9 @@ from typing import List, Optional
 
 import typer
 from rich.syntax import Syntax
-from rich.table import Table
 
 from ..config import dump_profile, resolve_variants
+from ..tables import ReportTable
 from .common import SetOption, console, handle_errors, resolve_profile
 
 
@@ -48,7 +48,8 @@ def validate(
 
         safe validate llava15-7b-whisper-small --estimate
 
-        safe validate demo --data --set data.source=manifest --set data.train_manifests=[export/train.jsonl]
+        safe validate demo --data --set data.source=manifest \\
+            --set data.train_manifests=[export/train.jsonl]
     """
     resolved = resolve_profile(profile, set_)
     if data:
@@ -77,11 +78,28 @@ def _print_estimate(resolved, variant: Optional[str], text_tokens: int, as_json:
     if as_json:
         print(json.dumps(est.to_json(), indent=2))
         return
+    console.print(estimate_table(est))
+    for line in est.assumptions:
+        console.print(f"- {line}", highlight=False)
+    console.print(
+        f"[green]ok[/]: estimate for [bold]{est.profile}[/]: training {est.totals['training'] / GIB:.1f} GiB "
+        f"({est.totals['training_checkpointed'] / GIB:.1f} GiB if gradient checkpointing of the base's layers were built), inference "
+        f"{est.totals['inference'] / GIB:.1f} GiB",
+        highlight=False,
+    )
+
+
+def estimate_table(est) -> ReportTable:
+    """The memory estimate's rows: weights, a Stage A step, inference, each with its total."""
+    from ..models.memory import GIB
+
     seq = est.sequence
-    table = Table(title=f"memory estimate: {est.profile} (Stage A variant {est.variant})", title_justify="left")
-    for column, justify in (("component", "left"), ("parameters", "right"), ("dtype", "left"),
-                            ("GiB", "right"), ("note", "left")):
-        table.add_column(column, justify=justify)
+    table = ReportTable(title=f"memory estimate: {est.profile} (Stage A variant {est.variant})", title_justify="left")
+    table.add_text_column("component")
+    table.add_number_column("parameters")
+    table.add_text_column("dtype")
+    table.add_number_column("GiB")
+    table.add_text_column("note")
 
     def rows(items) -> None:
         for row in items:
@@ -103,15 +121,7 @@ def _print_estimate(resolved, variant: Optional[str], text_tokens: int, as_json:
     table.add_row(f"[bold]inference[/] (batch {seq['eval_batch']})")
     rows(est.inference)
     total("total, inference", "inference")
-    console.print(table)
-    for line in est.assumptions:
-        console.print(f"- {line}", highlight=False)
-    console.print(
-        f"[green]ok[/]: estimate for [bold]{est.profile}[/]: training {est.totals['training'] / GIB:.1f} GiB "
-        f"({est.totals['training_checkpointed'] / GIB:.1f} GiB if gradient checkpointing of the base's layers were built), inference "
-        f"{est.totals['inference'] / GIB:.1f} GiB",
-        highlight=False,
-    )
+    return table
 
 
 def _validate_data(resolved, as_json: bool) -> None:
@@ -140,13 +150,20 @@ def _validate_data(resolved, as_json: bool) -> None:
     if as_json:
         print(json.dumps(counts, indent=2))
         return
-    table = Table(title=f"data of profile {resolved.name}", title_justify="left")
-    for column in ("split", "records", "vl", "text", "audio", "av", "manifests"):
-        table.add_column(column, justify="left" if column in ("split", "manifests") else "right")
+    console.print(data_table(resolved.name, counts))
+    console.print(f"[green]ok[/]: data of profile [bold]{resolved.name}[/]: every record and file checked",
+                  highlight=False)
+
+
+def data_table(profile_name: str, counts: dict) -> ReportTable:
+    """Records per split and task kind, from _validate_data's counts."""
+    table = ReportTable(title=f"data of profile {profile_name}", title_justify="left")
+    table.add_text_column("split")
+    for column in ("records", "vl", "text", "audio", "av"):
+        table.add_number_column(column)
+    table.add_text_column("manifests")
     for split, entry in counts.items():
         kinds = entry["by_kind"]
         table.add_row(split, str(entry["records"]), *(str(kinds.get(k, 0)) for k in ("vl", "text", "audio", "av")),
                       ", ".join(entry["manifests"]))
-    console.print(table)
-    console.print(f"[green]ok[/]: data of profile [bold]{resolved.name}[/]: every record and file checked",
-                  highlight=False)
+    return table

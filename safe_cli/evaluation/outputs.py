@@ -190,13 +190,13 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     if curve:
         axes.plot([p["relative_audio_compute"] for p in curve], [100 * p["accuracy"] for p in curve], "-",
                   color="#d62728", alpha=0.4, marker=".", label="gate, thresholds 0.05-0.95")
+    labels = []
     for point in points:
         if point["kind"] == "gate-curve":
             continue
         marker, colour = STRATEGY_STYLE.get(point["kind"], ("o", "grey"))
         axes.plot(point["relative_audio_compute"], 100 * point["accuracy"], marker, color=colour, markersize=8)
-        axes.annotate(point["strategy"], (point["relative_audio_compute"], 100 * point["accuracy"]),
-                      textcoords="offset points", xytext=(5, 4), fontsize=8)
+        labels.append((point["strategy"], point["relative_audio_compute"], 100 * point["accuracy"]))
     axes.set_xlabel("relative audio compute (FLOPs of encoder + fusion / always-max)")
     axes.set_ylabel("accuracy on examples with a clip (%)")
     axes.set_xlim(-0.05, 1.1)
@@ -204,7 +204,41 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     if curve:
         axes.legend(loc="lower right", fontsize=8)
     axes.set_title("accuracy vs audio compute")
+    _place_labels(figure, axes, labels)
     _save_figure(figure, path)
+
+
+LABEL_OFFSET = (5, 4)  # points right of and above the marker
+LEADER_AFTER = 10  # points: a label moved further than this from its marker gets a leader line
+
+
+def _place_labels(figure, axes, labels: list[tuple[str, float, float]]) -> None:
+    """Annotate each (text, x, y); a label that would overlap one placed before it is moved until clear.
+
+    Strategies often sit almost on the same spot (always-4/8/12 at one accuracy and nearly one
+    compute), and labels at a fixed offset would be drawn over each other. Each label moves
+    vertically, toward the middle of the plot where there is room (up in the lower half, down in
+    the upper half, away from the title), just past the boxes it overlaps; they are placed from the
+    edge inward in a fixed order, so the figure is the same for the same report.
+    """
+    figure.canvas.draw()  # final view limits: the boxes measured below are where the labels are drawn
+    renderer = figure.canvas.get_renderer()
+    to_points = 72 / figure.dpi
+    middle = sum(axes.get_ylim()) / 2
+    placed = []
+    # Up-movers bottom first, then down-movers top first: each moves away from those placed before it.
+    for text, x, y in sorted(labels, key=lambda label: (label[2] > middle, -abs(label[2] - middle), label[1])):
+        up = y <= middle
+        label = axes.annotate(text, (x, y), textcoords="offset points", xytext=LABEL_OFFSET, fontsize=8)
+        box = label.get_window_extent(renderer)
+        while blocking := [other for other in placed if box.overlaps(other)]:
+            pixels = max(o.y1 for o in blocking) - box.y0 + 1 if up else min(o.y0 for o in blocking) - box.y1 - 1
+            label.xyann = (label.xyann[0], label.xyann[1] + pixels * to_points)
+            box = label.get_window_extent(renderer)
+        placed.append(box)
+        if abs(label.xyann[1] - LABEL_OFFSET[1]) > LEADER_AFTER:  # a thin line back to its marker
+            axes.annotate("", (x, y), textcoords="offset points", xytext=label.xyann,
+                          arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5, "shrinkA": 0})
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
