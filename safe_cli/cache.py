@@ -48,6 +48,11 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def is_cached(kind: str, spec: dict[str, Any]) -> bool:
+    """Whether the entry for ``spec`` is complete (``spec.json`` is written last)."""
+    return (cache_root() / kind / spec_key(spec) / "spec.json").is_file()
+
+
 def cached_directory(kind: str, spec: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, bool]:
     """The entry for ``spec`` under ``kind/``; ``build(tmp_dir)`` fills it when it is missing.
 

@@ -46,6 +46,34 @@ def test_prepare_builds_once_then_loads_the_same_weights(cache):
     assert encoder_a.num_frames == round(profile.audio_encoder.tiny_window_seconds * 50)
 
 
+def test_a_cold_build_says_so_and_builds_both_models_side_by_side(cache, monkeypatch, capfd):
+    # Both missing on a 2+ core machine: the encoder pretrains in a child process on one
+    # thread while the base's vision stage runs here on one; the LLM stage gets every thread.
+    import os
+
+    import torch
+
+    monkeypatch.setattr(prep, "SIDE_BY_SIDE_MIN_SECONDS", 0.0)  # FAST builds are too short to pay otherwise
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    profile = load_profile("demo", FAST)
+    threads = torch.get_num_threads()
+    assert prep.missing_models(profile) == ["tiny LLaVA", "tiny Whisper"]
+    report = prep.prepare(profile)
+    assert report.base_built and report.audio_encoder_built and prep.missing_models(profile) == []
+    assert report.pretraining["audio_encoder"]["process"] != os.getpid()
+    assert report.pretraining["audio_encoder"]["threads"] == 1
+    vision = report.pretraining["base"]["vision_stage"]
+    assert vision["process"] == os.getpid() and vision["threads"] == 1
+    assert report.pretraining["base"]["threads"] == threads
+    assert torch.get_num_threads() == threads
+    plan = capfd.readouterr().err
+    assert "pretraining the demo profile's built-in tiny LLaVA and tiny Whisper, about" in plan
+    assert str(cache) in plan
+    capfd.readouterr()
+    prep.prepare(profile)  # warm: nothing to say
+    assert "pretraining" not in capfd.readouterr().err
+
+
 def test_changed_settings_build_a_new_entry(cache):
     a, _ = prep.prepare_base(load_profile("demo", FAST))
     b, built = prep.prepare_base(load_profile("demo", FAST + ["base.pretrain.lr=0.001"]))
@@ -105,6 +133,39 @@ def test_shifting_processed_pixels_equals_processing_shifted_images():
     expected = process(np.stack([_shift(image, rng) for image in images]))
     torch.testing.assert_close(shifted, expected)
     assert not torch.equal(shifted, process(images))  # it did move something
+
+
+def test_examples_encoded_once_batch_as_the_batcher_encodes_them():
+    # pretrain_base tokenizes every example once and gathers rows per step; each step's batch
+    # must be what the batcher gives for those rows (labels on the answers only, images in row
+    # order), or the base would pretrain on shifted labels or on another row's image.
+    import numpy as np
+    import torch
+
+    from safe_cli.data import avdigits
+    from safe_cli.data.batches import PromptBatcher
+    from safe_cli.foundation import pretrain
+    from safe_cli.foundation.tokenizer import build_processor
+
+    profile = load_profile("demo", ["data.num_train=6"])
+    sources = prep.load_sources(profile, "train")
+    processor = build_processor(profile.base.tiny)
+    base = prep._wrap_tiny(pretrain.build_tiny_llava(profile.base.tiny, 0), processor, profile)
+    examples = avdigits.make_examples(sources.images, sources.clips, 6, 0, "train",
+                                      tasks=["vl/digit", "text/arith", "vl/even"], retention=False)
+    batcher = PromptBatcher(base)
+    encoded = pretrain.EncodedExamples.build(batcher, examples, sources.images, chunk=5)  # chunks pad differently
+    processed = pretrain.ProcessedImages.build(processor, sources.images)
+    rows = np.array([7, 0, 13, 7, 2])
+    assert {examples[r].image is None for r in rows} == {True, False}
+    got = encoded.batch(rows, processed, np.random.default_rng(3))
+    expected = batcher.for_training(pretrain.queries([examples[r] for r in rows], sources.images))
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(got[key], expected[key]), key
+    with_image = [examples[r].image for r in rows if examples[r].image is not None]
+    torch.testing.assert_close(got["pixel_values"], processed.shifted(with_image, np.random.default_rng(3)))
+    unshifted = torch.stack([processed.pixels[i] for i in with_image])
+    assert (got["pixel_values"] - unshifted).abs().flatten(1).sum(1).gt(0).any()  # shifted, not the raw pixels
 
 
 @pytest.mark.parametrize("safe_dir, xdg, expected", [

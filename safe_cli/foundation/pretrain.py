@@ -14,6 +14,7 @@ progress bar; ``safe prepare`` runs them through the content-addressed cache.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,11 +25,11 @@ from torch import nn
 
 from ..config.schema import AudioEncoderConfig, PretrainConfig, TinyLlavaConfig
 from ..data.avdigits import DigitClips, DigitImages, Example
-from ..data.batches import PromptBatcher, Query
+from ..data.batches import IGNORE_INDEX, PromptBatcher, Query
 from ..progress import progress_bar
 from ..training.schedule import warmup_cosine
 
-RECIPE_VERSION = 2  # bump when a recipe changes what it produces: the cache keys include it
+RECIPE_VERSION = 3  # bump when a recipe changes what it produces: the cache keys include it
 
 
 def _shift(image: np.ndarray, rng: np.random.Generator, pixels: int = 2) -> np.ndarray:
@@ -73,7 +74,36 @@ def queries(examples: Sequence[Example], images: DigitImages, rng: Optional[np.r
     return out
 
 
-def pretrain_vision_tower(model: nn.Module, processor, images: DigitImages, cfg: PretrainConfig, seed: int) -> list[float]:
+@dataclass
+class ProcessedImages:
+    """Every image through the processor once, and the processed black pixel that pads a shift.
+
+    The processor costs a third of a step when run per batch; the random shift is applied to the
+    processed pixels instead. (The image size equals the tower's, so the processor does not
+    resize and the two commute: tests/test_prepare.py checks it.)
+    """
+
+    pixels: torch.Tensor  # (N, C, H, W)
+    background: torch.Tensor  # (C,)
+
+    @classmethod
+    def build(cls, processor, images: DigitImages, chunk: int = 1024) -> "ProcessedImages":
+        from PIL import Image
+
+        def process(arrays):
+            return processor.image_processor([Image.fromarray(a).convert("RGB") for a in arrays],
+                                             return_tensors="pt")["pixel_values"]
+
+        pixels = torch.cat([process(images.images[i: i + chunk]) for i in range(0, len(images.labels), chunk)])
+        background = process(np.zeros((1,) + images.images.shape[1:], np.uint8))[0, :, 0, 0]
+        return cls(pixels, background)
+
+    def shifted(self, indices, rng: np.random.Generator) -> torch.Tensor:
+        return _shift_pixels(self.pixels[torch.as_tensor(indices, dtype=torch.long)], self.background, rng)
+
+
+def pretrain_vision_tower(model: nn.Module, processed: ProcessedImages, labels: np.ndarray, cfg: PretrainConfig,
+                          seed: int) -> list[float]:
     """Stage 1, as CLIP is pretrained before LLaVA: the vision tower and projector learn digits.
 
     A temporary linear classifier reads the *mean* of the image tokens the LLM will receive
@@ -82,19 +112,8 @@ def pretrain_vision_tower(model: nn.Module, processor, images: DigitImages, cfg:
     attention already finds it. Without this stage, the LLM's loss alone trains the tower from
     scratch very slowly (measured: 13% digit accuracy after 600 steps).
     """
-    from PIL import Image
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    # The processor once for every image (it costs a third of a step when run per batch); the
-    # random shift is then applied to the processed pixels, padding with a processed black pixel.
-    # (The image size equals the tower's, so the processor does not resize and the two commute.)
-    def process(arrays):
-        return processor.image_processor([Image.fromarray(a).convert("RGB") for a in arrays],
-                                         return_tensors="pt")["pixel_values"]
-
-    all_pixels = torch.cat([process(images.images[i: i + 1024]) for i in range(0, len(images.labels), 1024)])
-    background = process(np.zeros((1,) + images.images.shape[1:], np.uint8))[0, :, 0, 0]
     head = nn.Linear(model.config.text_config.hidden_size, 10)
     parameters = (
         list(model.model.vision_tower.parameters())
@@ -107,26 +126,67 @@ def pretrain_vision_tower(model: nn.Module, processor, images: DigitImages, cfg:
     model.train()
     with progress_bar("pretrain vision tower", cfg.steps) as advance:
         for _ in range(cfg.steps):
-            picked = rng.integers(len(images.labels), size=cfg.batch_size)
-            pixels = _shift_pixels(all_pixels[torch.as_tensor(picked)], background, rng)
-            features = model.model.get_image_features(pixel_values=pixels)
+            picked = rng.integers(len(labels), size=cfg.batch_size)
+            features = model.model.get_image_features(pixel_values=processed.shifted(picked, rng))
             features = getattr(features, "pooler_output", features)  # transformers 5 wraps the list
             pooled = torch.stack([tokens.mean(0) for tokens in features])
-            loss = F.cross_entropy(head(pooled), torch.as_tensor(images.labels[picked]))
+            loss = F.cross_entropy(head(pooled), torch.as_tensor(labels[picked]))
             _step(loss, optimizer, scheduler, parameters, losses)
             advance(loss=f"{np.mean(losses[-20:]):.3f}")
     return losses
 
 
+@dataclass
+class EncodedExamples:
+    """Training examples through the tokenizer once: right-padded ids, mask, answer labels, image index.
+
+    ``image[i]`` is the row's index into the images (-1: a text question). A step gathers its
+    rows and cuts the common padding; with right padding that equals encoding the rows alone.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    image: torch.Tensor
+
+    @classmethod
+    def build(cls, batcher: PromptBatcher, examples: Sequence[Example], images: DigitImages,
+              chunk: int = 512) -> "EncodedExamples":
+        pad = batcher.tokenizer.pad_token_id
+        parts: dict[str, list[torch.Tensor]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for start in range(0, len(examples), chunk):
+            batch = batcher.for_training(queries(examples[start: start + chunk], images))
+            for key in parts:
+                parts[key].append(batch[key])
+        width = max(t.shape[1] for t in parts["input_ids"])
+        fill = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
+        padded = {key: torch.cat([F.pad(t, (0, width - t.shape[1]), value=fill[key]) for t in tensors])
+                  for key, tensors in parts.items()}
+        image = torch.as_tensor([-1 if e.image is None else e.image for e in examples], dtype=torch.long)
+        return cls(padded["input_ids"], padded["attention_mask"], padded["labels"], image)
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def batch(self, rows: np.ndarray, processed: ProcessedImages, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        length = int(self.attention_mask[rows].sum(1).max())
+        batch = {key: getattr(self, key)[rows, :length] for key in ("input_ids", "attention_mask", "labels")}
+        images = self.image[rows]
+        images = images[images >= 0]
+        if len(images):  # in row order: LLaVA fills the image tokens of the rows with an image in order
+            batch["pixel_values"] = processed.shifted(images, rng)
+        return batch
+
+
 def pretrain_base(
     model: nn.Module,
-    batcher: PromptBatcher,
-    examples: Sequence[Example],
-    images: DigitImages,
+    encoded: EncodedExamples,
+    processed: ProcessedImages,
     cfg: PretrainConfig,
     seed: int,
 ) -> list[float]:
-    """Train every weight of ``model`` on ``examples``; returns the loss per step."""
+    """Train every weight of ``model`` on the encoded examples; returns the loss per step."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.train()
@@ -134,9 +194,8 @@ def pretrain_base(
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)
     losses = []
     with progress_bar("pretrain tiny LLaVA", cfg.steps) as advance:
-        for step in range(cfg.steps):
-            picked = rng.integers(len(examples), size=cfg.batch_size)
-            batch = batcher.for_training(queries([examples[i] for i in picked], images, rng))
+        for _ in range(cfg.steps):
+            batch = encoded.batch(rng.integers(len(encoded), size=cfg.batch_size), processed, rng)
             loss = model(**batch).loss
             _step(loss, optimizer, scheduler, model.parameters(), losses)
             advance(loss=f"{np.mean(losses[-20:]):.3f}")
