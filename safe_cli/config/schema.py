@@ -133,7 +133,7 @@ class BaseModelConfig(Section):
         default_factory=lambda: PretrainConfig(steps=1200, batch_size=128, lr=6e-3),
         description="tiny-llava stage 1: the vision tower learns digits with a temporary classifier, as "
         "CLIP is pretrained before LLaVA (safe prepare). Measured on demo: 1200 x 128 at 6e-3 gives the "
-        "base the VL accuracy of 4500 x 32 at 3e-3 (98-99.5%) in 52 s instead of 74 s.",
+        "base the VL accuracy of 4500 x 32 at 3e-3 (98-99.5%) in 52 s on one core where that took 74 s on two.",
     )
     pretrain: PretrainConfig = Field(
         default_factory=lambda: PretrainConfig(steps=1500),

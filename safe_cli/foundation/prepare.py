@@ -199,8 +199,9 @@ def prepare_audio_encoder(profile: Profile) -> tuple[Path, bool]:
 # --------------------------------------------------------------------------- building both
 
 # Seconds per example seen and per build (data, processing, mel), measured in the demo's cold
-# main job on a 2-core AMD EPYC (Zen 3) on 2026-12-03; only the one-line plan before a cold build
-# uses them (vision and audio on one thread each, side by side; the LLM stage on two).
+# main job on a 2-core AMD EPYC (family 25 model 17, Zen 4, AVX-512) on 2026-12-03; only the
+# one-line plan before a cold build uses them (vision and audio on one thread each, side by
+# side; the LLM stage on two).
 SECONDS_PER_EXAMPLE = {"vision": 0.00035, "base": 0.0018, "audio": 0.0033}
 SECONDS_PER_BUILD = 6.0
 
@@ -227,7 +228,7 @@ def _side_by_side(profile: Profile, missing: list[str]) -> bool:
     # The vision tower is too small for a second intra-op thread to help (a step takes the same
     # time on 1 thread as on 2), so on 2+ cores the encoder pretrains on the other core meanwhile,
     # when that outlasts a child's start. The LLM stage, which 2 threads speed up 1.6x, comes after.
-    if len(missing) < 2 or (os.cpu_count() or 1) < 2:
+    if len(missing) < 2 or (os.cpu_count() or 1) < 2 or is_cached("tiny-llava-vision", vision_spec(profile)):
         return False
     vision = _seen(profile.base.vision_pretrain) * SECONDS_PER_EXAMPLE["vision"]
     encoder = _seen(profile.audio_encoder.tiny_pretrain) * SECONDS_PER_EXAMPLE["audio"]
