@@ -4,9 +4,9 @@ Each run is ``safe train --stage a --variant soft_retention`` (the demo profile)
 process with its own empty ``SAFE_CACHE_DIR`` and run directory, as a first-time user runs it.
 Per run it records the wall time, the peak RSS (``wait4``'s ``ru_maxrss`` of the process), the
 pretraining times the cache wrote (``pretraining.json``: vision tower + tiny LLaVA, tiny
-Whisper), Stage A's training time and the accuracies the demo relies on: the base's (in
-``safe prepare``'s report) is not re-measured here; Stage A's spoken digits, audio/even and
-av/same are. Medians over the runs are printed and everything is written as JSON.
+Whisper), Stage A's training time, and every task's base and SAFE accuracy from Stage A's
+summary (printed: spoken digits, audio/even, av/same, av/sum). Medians over the runs are
+printed and everything is written as JSON, with the CPU's cores and SIMD flags from lscpu.
 
 Run it on an otherwise idle machine (a figure taken while other jobs share the cores is not a
 figure):

@@ -48,9 +48,14 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _complete(entry: Path) -> bool:
+    # spec.json is written last: its presence is what marks an entry complete.
+    return (entry / "spec.json").is_file()
+
+
 def is_cached(kind: str, spec: dict[str, Any]) -> bool:
-    """Whether the entry for ``spec`` is complete (``spec.json`` is written last)."""
-    return (cache_root() / kind / spec_key(spec) / "spec.json").is_file()
+    """Whether the entry for ``spec`` under ``kind/`` is complete."""
+    return _complete(cache_root() / kind / spec_key(spec))
 
 
 def cached_directory(kind: str, spec: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, bool]:
@@ -59,15 +64,14 @@ def cached_directory(kind: str, spec: dict[str, Any], build: Callable[[Path], No
     Returns (path, built_now).
     """
     final = cache_root() / kind / spec_key(spec)
-    if (final / "spec.json").is_file():
+    if _complete(final):
         return final, False
     with _locked(final.with_suffix(".lock")):
-        if (final / "spec.json").is_file():  # another process built it while we waited
+        if _complete(final):  # another process built it while we waited
             return final, False
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
             build(tmp)
-            # spec.json is written last: its presence is what marks an entry complete.
             (tmp / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True, default=str) + "\n")
             if final.exists():
                 shutil.rmtree(final)

@@ -220,8 +220,11 @@ def missing_models(profile: Profile) -> list[str]:
 SIDE_BY_SIDE_MIN_SECONDS = 10.0
 
 
-def _seen(cfg) -> int:
-    return cfg.steps * cfg.batch_size
+def _training_seconds(profile: Profile) -> dict[str, float]:
+    """Each pretraining loop's expected seconds: examples seen x SECONDS_PER_EXAMPLE."""
+    configs = {"vision": profile.base.vision_pretrain, "base": profile.base.pretrain,
+               "audio": profile.audio_encoder.tiny_pretrain}
+    return {part: cfg.steps * cfg.batch_size * SECONDS_PER_EXAMPLE[part] for part, cfg in configs.items()}
 
 
 def _side_by_side(profile: Profile, missing: list[str]) -> bool:
@@ -230,19 +233,19 @@ def _side_by_side(profile: Profile, missing: list[str]) -> bool:
     # when that outlasts a child's start. The LLM stage, which 2 threads speed up 1.6x, comes after.
     if len(missing) < 2 or (os.cpu_count() or 1) < 2 or is_cached("tiny-llava-vision", vision_spec(profile)):
         return False
-    vision = _seen(profile.base.vision_pretrain) * SECONDS_PER_EXAMPLE["vision"]
-    encoder = _seen(profile.audio_encoder.tiny_pretrain) * SECONDS_PER_EXAMPLE["audio"]
-    return min(vision, encoder) >= SIDE_BY_SIDE_MIN_SECONDS
+    seconds = _training_seconds(profile)
+    return min(seconds["vision"], seconds["audio"]) >= SIDE_BY_SIDE_MIN_SECONDS
 
 
 def planned_seconds(profile: Profile, missing: list[str]) -> float:
+    seconds = _training_seconds(profile)
     vision = llm = encoder = 0.0
     if "tiny LLaVA" in missing:
         if not is_cached("tiny-llava-vision", vision_spec(profile)):
-            vision = _seen(profile.base.vision_pretrain) * SECONDS_PER_EXAMPLE["vision"] + SECONDS_PER_BUILD
-        llm = _seen(profile.base.pretrain) * SECONDS_PER_EXAMPLE["base"] + SECONDS_PER_BUILD
+            vision = seconds["vision"] + SECONDS_PER_BUILD
+        llm = seconds["base"] + SECONDS_PER_BUILD
     if "tiny Whisper" in missing:
-        encoder = _seen(profile.audio_encoder.tiny_pretrain) * SECONDS_PER_EXAMPLE["audio"] + 2 * SECONDS_PER_BUILD
+        encoder = seconds["audio"] + 2 * SECONDS_PER_BUILD
     first = max(vision, encoder) if _side_by_side(profile, missing) else vision + encoder
     return first + llm
 
