@@ -13,8 +13,13 @@
                             [clip, clip])
 
 ``budgets`` says what each example cost: 0 = the base's own answer (no encoder, no adapter).
-The gate reads the same state the policy was trained on (``safe_cli.rl.state``): one base
-forward over the prompt, plus the clip's length and energy; never the audio encoder.
+
+One prefill per example (issue 25): the prompt runs through the base up to the first fused
+layer, the gate reads its state there (``safe_cli.rl.state``: the same features Stage B/C
+trained on; never the audio encoder), and the same forward carries on, with audio fused into
+the rows the gate chose, and decodes from that prefill's KV cache
+(``SAFEModel.generate_gated``). Deciding costs the gate's MLP and one read of the base's output
+head at one position; nothing runs twice.
 """
 
 from __future__ import annotations
@@ -24,19 +29,43 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .data.batches import PromptBatcher, Query, generate_answers
+from .data.batches import DEFAULT_MAX_NEW_TOKENS, PromptBatcher, Query
 from .rl.gate import AudioGate, GateError
-from .rl.state import PolicyInputs, policy_inputs
+from .rl.state import BranchState, PolicyInputs, branch_layer, policy_inputs
 
-__all__ = ["AudioGate", "GateError", "PolicyInputs", "policy_inputs", "decide_budgets", "answer"]
+__all__ = ["AudioGate", "GateError", "PolicyInputs", "policy_inputs", "decide_budgets", "answer", "generate_gated"]
 
 
 @torch.no_grad()
 def decide_budgets(model, gate: AudioGate, batcher: PromptBatcher, queries: Sequence[Query],
                    waves: Sequence[Optional[np.ndarray]], threshold: Optional[float] = None) -> torch.Tensor:
-    """(B,) token budgets the gate gives these questions and clips (clips at the encoder's rate)."""
-    inputs = policy_inputs(model.base, batcher, queries, waves, model.audio_encoder.sample_rate)
+    """(B,) token budgets the gate gives these questions and clips (clips at the encoder's rate),
+    without answering: the base runs only up to the first fused layer."""
+    inputs = policy_inputs(model, batcher, queries, waves)
     return gate.decide(inputs.features, inputs.has_clip, threshold)
+
+
+@torch.no_grad()
+def generate_gated(model, gate: AudioGate, batcher: PromptBatcher, queries: Sequence[Query],
+                   waves: Sequence[Optional[np.ndarray]], max_new_tokens: Optional[int] = None,
+                   threshold: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, PolicyInputs]:
+    """Greedy generation with the gate deciding inside the prefill; returns (new token ids, budgets,
+    the state the gate read)."""
+    if max_new_tokens is None:
+        max_new_tokens = batcher.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    batch = batcher.for_generation(queries)
+    reader = BranchState(model.base, branch_layer(model), batch, list(waves), model.audio_encoder.sample_rate)
+    seen: dict[str, PolicyInputs] = {}
+
+    def decide(hidden: torch.Tensor) -> torch.Tensor:
+        seen["inputs"] = inputs = reader.read(hidden)
+        return gate.decide(inputs.features, inputs.has_clip, threshold)
+
+    pad = batcher.tokenizer.pad_token_id
+    output, budgets = model.generate_gated(
+        **batch, decide=decide, audio=list(waves), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=batcher.end_ids, pad_token_id=batcher.end_ids[0] if pad is None else pad)
+    return output[:, batch["input_ids"].shape[1]:], budgets, seen["inputs"]
 
 
 @torch.no_grad()
@@ -44,7 +73,5 @@ def answer(model, gate: AudioGate, batcher: PromptBatcher, queries: Sequence[Que
            waves: Sequence[Optional[np.ndarray]], max_new_tokens: int = 8,
            threshold: Optional[float] = None) -> tuple[list[str], torch.Tensor]:
     """Greedy answers with audio only where the gate says it pays; returns (answers, budgets)."""
-    budgets = decide_budgets(model, gate, batcher, queries, waves, threshold)
-    texts = generate_answers(model, batcher, queries, max_new_tokens, token_budget=budgets.to(batcher.device),
-                             audio=list(waves))
-    return texts, budgets
+    new_ids, budgets, _ = generate_gated(model, gate, batcher, queries, waves, max_new_tokens, threshold)
+    return batcher.decode(new_ids), budgets

@@ -107,7 +107,7 @@ def test_budget_zero_never_runs_the_audio_encoder(stage_a_run):
         assert calls == []
         model(**batch, token_budget=torch.tensor([0, 4, 0]), audio=pool.audio(chosen))
         assert calls == [1]  # one clip: only the row with a budget
-        pool_policy_inputs(model.base, batcher, pool, chosen, model.audio_encoder.sample_rate)
+        pool_policy_inputs(model, batcher, pool, chosen)
         assert calls == [1]  # the policy's state never needs the encoder
 
 
@@ -175,7 +175,7 @@ def test_stage_c_exports_a_calibrated_gate(full_run):
     stage = run / "stage-c"
     gate = AudioGate.load(stage)
     config = json.loads((stage / "gate.json").read_text())
-    assert config["schema"] == "safe.audio-gate/1"
+    assert config["schema"] == "safe.audio-gate/2"
     assert config["base_fingerprint"] == (run / "stage-a/base_fingerprint").read_text().strip()
     assert gate.budget_on in (4, 8, 12) and 0.0 <= gate.threshold <= 1.0 + 1e-6
     calibration = result.calibration

@@ -70,10 +70,9 @@ def answer_at_every_budget(model, batcher, pool: RecordPool, budgets: Sequence[i
               for i in range(0, len(chosen), batch_size)]
     answers: dict[int, list[str]] = {b: [] for b in budgets}
     inputs = []
-    rate = model.audio_encoder.sample_rate
     with progress_bar(description, len(chunks)) as advance:
         for (task, has_clip), chunk in chunks:
-            inputs.append(pool_policy_inputs(model.base, batcher, pool, chunk, rate))
+            inputs.append(pool_policy_inputs(model, batcher, pool, chunk))
             base = generate_safe_answers(model, batcher, pool, chunk, budget=0)
             for budget in budgets:
                 answers[budget] += (generate_safe_answers(model, batcher, pool, chunk, budget=budget)

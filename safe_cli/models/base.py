@@ -55,6 +55,16 @@ class BaseVLModel:
     def fingerprint(self) -> str:
         return fingerprint_module(self.model)
 
+    def read_out(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits the base's own output head gives ``hidden`` (N, H) from any decoder layer.
+
+        The LLM's final norm (OPT: ``final_layer_norm`` and ``project_out`` where it has them), then
+        its ``lm_head``: the "logit lens" read of an intermediate layer, a few GFLOPs on a 7B base.
+        """
+        for module in _output_norms(self.kind, self.model):
+            hidden = module(hidden)
+        return self.model.get_output_embeddings()(hidden)
+
     def __call__(self, **inputs: Any) -> Any:
         """The base's own forward; returns the Hugging Face output (``.logits``)."""
         return self.model(**inputs)
@@ -112,6 +122,24 @@ def _llava_layers(model: nn.Module) -> nn.ModuleList:
         except AttributeError:
             continue
     raise SafeError(f"cannot find the LLM decoder layers of {type(model).__name__}")
+
+
+def _output_norms(kind: str, model: nn.Module) -> list[nn.Module]:
+    """What the LLM applies after its last decoder layer and before ``lm_head``."""
+    if kind == "hf-blip2":
+        inner = getattr(model.language_model, "model", model.language_model)
+        decoder = getattr(inner, "decoder", inner)
+        return [m for m in (getattr(decoder, "final_layer_norm", None), getattr(decoder, "project_out", None))
+                if m is not None]
+    for path in ("model.language_model.norm", "language_model.model.norm"):
+        module: Any = model
+        try:
+            for part in path.split("."):
+                module = getattr(module, part)
+            return [module]
+        except AttributeError:
+            continue
+    raise SafeError(f"cannot find the LLM's final norm of {type(model).__name__}")
 
 
 def _blip2_layers(model: nn.Module) -> nn.ModuleList:

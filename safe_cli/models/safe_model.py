@@ -11,7 +11,7 @@ give that guarantee (NaN * 0 is NaN; kernels may pick other paths), selecting ro
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -133,10 +133,13 @@ class SAFEModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    # What the fused layers do to one batch: None (no row takes audio: the base itself), or the rows
+    # that take it (None = every row) and each fused block's readout of those rows' audio.
+    FusionPlan = Optional[tuple[Optional[torch.Tensor], dict[int, AudioReadout]]]
+
     @contextlib.contextmanager
-    def _fusion_hooks(self, batch: int, rows: Optional[torch.Tensor], tokens: torch.Tensor,
-                      mask: Optional[torch.Tensor]):
-        """Fuse audio into the output of each chosen decoder layer; ``rows`` None means every row.
+    def _fusion_hooks(self, batch: int, plan_for: Callable[[int, torch.Tensor], "SAFEModel.FusionPlan"]):
+        """Fuse audio into the output of each chosen decoder layer, as ``plan_for(layer, hidden)`` says.
 
         ``generate`` with beams or several return sequences runs the layers on ``batch * n``
         rows, each example repeated n times in a row (``repeat_interleave``, as Hugging Face
@@ -145,13 +148,9 @@ class SAFEModel(nn.Module):
         """
         handles = []
         dtype = self.projector.queries.dtype
-        # What each block reads from the audio does not depend on the text: read it once here,
-        # not in the hook (which generate() runs at every decoding step).
-        with self._autocast(tokens.device):
-            readouts = {layer: self.fusion.block(layer).read_audio(tokens, mask) for layer in self.fusion.layers}
         expanded: dict[tuple[int, int], tuple[Optional[torch.Tensor], AudioReadout]] = {}
 
-        def for_rows(layer: int, size: int) -> tuple[Optional[torch.Tensor], AudioReadout]:
+        def for_rows(layer: int, size: int, rows, readouts) -> tuple[Optional[torch.Tensor], AudioReadout]:
             factor, rest = divmod(size, batch)
             if rest or not factor:
                 raise RuntimeError(f"a fused layer saw {size} rows for a batch of {batch}; SAFE follows generate's "
@@ -166,7 +165,10 @@ class SAFEModel(nn.Module):
 
             def hook(module, args, output, block=block, layer=layer):
                 hidden = output[0] if isinstance(output, tuple) else output
-                layer_rows, readout = for_rows(layer, hidden.shape[0])
+                plan = plan_for(layer, hidden)
+                if plan is None:
+                    return output  # no row takes audio: the layer's own output, untouched
+                layer_rows, readout = for_rows(layer, hidden.shape[0], *plan)
                 # The block's residual stream runs in the trainable parts' dtype (float32), also
                 # under autocast, where only its matrix products drop to bfloat16.
                 with self._autocast(hidden.device):
@@ -226,13 +228,46 @@ class SAFEModel(nn.Module):
         with self._audio_fused(input_ids, token_budget, audio, audio_features, audio_frame_mask):
             return self.base_model.generate(input_ids=input_ids, **generate_kwargs)
 
-    @contextlib.contextmanager
-    def _audio_fused(self, input_ids, token_budget, audio, audio_features, audio_frame_mask):
-        """Checks the budgets, computes audio tokens for rows with k > 0 and installs the hooks."""
+    @torch.no_grad()
+    def generate_gated(
+        self,
+        input_ids: torch.Tensor,
+        decide: Callable[[torch.Tensor], torch.Tensor],
+        audio: Sequence[Optional[Waveform]],
+        **generate_kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``generate`` that decides each row's budget inside its own prefill; returns (ids, budgets).
+
+        ``decide(hidden)`` gets the first fused layer's output over the prompt (B, L, H), before
+        any audio is added, and returns the (B,) budgets. The layers up to there are the base's
+        own for every row; from there the same forward fuses audio into the rows with a budget
+        (the encoder sees only their clips) and leaves the others the base's, and decoding
+        continues from that one prefill's KV cache. Greedy or sampled, one sequence a row: a
+        beam would run the prefill on expanded rows the decision is not made for.
+        """
         batch = input_ids.shape[0]
-        if token_budget is None:
-            token_budget = torch.zeros(batch, dtype=torch.long)
-        token_budget = torch.as_tensor(token_budget, dtype=torch.long).to(input_ids.device)
+        branch = min(self.fusion.layers)
+        decided: dict[str, Any] = {}
+
+        def plan_for(layer: int, hidden: torch.Tensor) -> "SAFEModel.FusionPlan":
+            if "plan" not in decided:
+                if layer != branch or hidden.shape[0] != batch:
+                    raise RuntimeError(f"generate_gated decides in the prefill of {batch} rows at layer {branch}; "
+                                       f"layer {layer} ran first on {hidden.shape[0]} rows (beam search is not "
+                                       "supported here)")
+                budgets = self._budget_list(decide(hidden), batch)
+                decided["budgets"] = torch.tensor(budgets, dtype=torch.long)
+                decided["plan"] = self._plan(budgets, audio, None, None, input_ids.device)
+            return decided["plan"]
+
+        with self._fusion_hooks(batch, plan_for):
+            output = self.base_model.generate(input_ids=input_ids, **generate_kwargs)
+        if "budgets" not in decided:
+            raise RuntimeError("generate ran no prefill through the fused layers; nothing was decided")
+        return output, decided["budgets"]
+
+    def _budget_list(self, token_budget: Any, batch: int) -> list[int]:
+        token_budget = torch.as_tensor(token_budget, dtype=torch.long)
         if token_budget.shape != (batch,):
             raise ValueError(f"token_budget must have shape ({batch},), got {tuple(token_budget.shape)}")
         # One transfer to Python answers every question below (range, rows, uniformity); a
@@ -240,14 +275,15 @@ class SAFEModel(nn.Module):
         budgets = token_budget.tolist()
         if min(budgets) < 0 or max(budgets) > self.projector.num_audio_tokens:
             raise ValueError(f"token budgets must be in 0..{self.projector.num_audio_tokens}")
+        return budgets
 
+    def _plan(self, budgets: list[int], audio, audio_features, audio_frame_mask, device) -> "SAFEModel.FusionPlan":
+        """Audio tokens and readouts for the rows with a budget > 0 (None when there are none)."""
         row_list = [i for i, budget in enumerate(budgets) if budget > 0]
         if not row_list:
-            yield  # no encoder, no hooks: the base itself
-            return
-
-        every_row = len(row_list) == batch  # common in training; skips copying (B, 1500, D) features
-        rows = None if every_row else torch.tensor(row_list, device=input_ids.device)
+            return None  # no encoder, no adapter: the base itself
+        every_row = len(row_list) == len(budgets)  # common in training; skips copying (B, 1500, D) features
+        rows = None if every_row else torch.tensor(row_list, device=device)
 
         def select(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             if tensor is None or rows is None:
@@ -258,6 +294,24 @@ class SAFEModel(nn.Module):
         row_budgets = [budgets[i] for i in row_list]
         tokens = self._project_audio(max(row_budgets), row_audio, select(audio_features), select(audio_frame_mask))
         # Every fused row using all k_max tokens (the common case) needs no key mask.
-        mask = None if len(set(row_budgets)) == 1 else self._token_mask(select(token_budget), tokens.shape[1]).to(tokens.device)
-        with self._fusion_hooks(batch, rows, tokens, mask):
+        mask = None if len(set(row_budgets)) == 1 else self._token_mask(
+            torch.tensor(row_budgets, device=tokens.device), tokens.shape[1])
+        # What each block reads from the audio does not depend on the text: read it once here,
+        # not in the hook (which generate() runs at every decoding step).
+        with self._autocast(tokens.device):
+            readouts = {layer: self.fusion.block(layer).read_audio(tokens, mask) for layer in self.fusion.layers}
+        return rows, readouts
+
+    @contextlib.contextmanager
+    def _audio_fused(self, input_ids, token_budget, audio, audio_features, audio_frame_mask):
+        """Checks the budgets, computes audio tokens for rows with k > 0 and installs the hooks."""
+        batch = input_ids.shape[0]
+        if token_budget is None:
+            token_budget = torch.zeros(batch, dtype=torch.long)
+        budgets = self._budget_list(token_budget, batch)
+        plan = self._plan(budgets, audio, audio_features, audio_frame_mask, input_ids.device)
+        if plan is None:
+            yield  # no encoder, no hooks: the base itself
+            return
+        with self._fusion_hooks(batch, lambda layer, hidden: plan):
             yield

@@ -77,11 +77,33 @@ def whisper_dims(encoder: WhisperEncoder) -> WhisperDims:
     )
 
 
+def count_cpu_attention() -> None:
+    """Teach torch's FLOP counter the CPU attention kernel.
+
+    The counter has formulas for the GPU SDPA kernels (flash, efficient, cuDNN) but none for
+    ``_scaled_dot_product_flash_attention_for_cpu``, so on a CPU every attention's products
+    count as 0. This registers the counter's own SDPA formula for it (idempotent).
+    """
+    import torch
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return
+
+    def cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    flop_counter.register_flop_formula(op)(cpu_sdpa_flop)
+
+
 def clap_flops(encoder: ClapEncoder) -> float:
     """FLOPs of one clip through CLAP's audio tower (to its time steps), measured by torch's counter."""
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    count_cpu_attention()
 
     silence = np.zeros(int(encoder.sample_rate), dtype=np.float32)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -185,3 +207,111 @@ class AudioCostModel:
     def relative(self, k: int, text_length: int, clip_seconds: float) -> float:
         """cost(k) / cost(k_max) for this example: 0 for k = 0, 1 for the largest budget."""
         return self.flops(k, text_length, clip_seconds) / self.flops(self.max_budget, text_length, clip_seconds)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@dataclass(frozen=True)
+class LLMDims:
+    """The base LLM's shape, for the FLOPs of its prefill and decoding steps.
+
+    Per position, per layer: q/k/v/o projections 2 * (2 * H * Hq + 2 * H * Hkv); the MLP 2 * 3 * H * I
+    (Llama's SwiGLU: gate, up, down) or 2 * 2 * H * F (OPT's fc1, fc2); attention's two products
+    2 * 2 * Hq * (keys it attends). A prefill of L positions attends L x L (counted whole, as torch's
+    FLOP counter counts SDPA; a causal kernel may skip the upper half). ``generate`` reads the
+    logits of the prompt's last position only (``logits_to_keep``), so the head costs 2 * H * V once
+    in the prefill and once per decoding step.
+    """
+
+    family: str  # "llama" or "opt"
+    hidden: int
+    query_width: int
+    kv_width: int
+    mlp_width: int
+    layers: int
+    vocab: int
+
+    def position_flops(self) -> float:
+        """One position through one layer, attention's products left out."""
+        h = self.hidden
+        projections = 2 * (2 * h * self.query_width + 2 * h * self.kv_width)
+        mlp = 2 * (3 if self.family == "llama" else 2) * h * self.mlp_width
+        return float(projections + mlp)
+
+    def head_flops(self) -> float:
+        return float(2 * self.hidden * self.vocab)
+
+    def prefill_flops(self, length: int) -> float:
+        attention = 2 * 2 * self.query_width * length * length
+        return self.layers * (length * self.position_flops() + attention) + self.head_flops()
+
+    def decode_flops(self, context: int) -> float:
+        """One decoding step whose new token attends ``context`` keys (the prompt and tokens so far)."""
+        return self.layers * (self.position_flops() + 2 * 2 * self.query_width * context) + self.head_flops()
+
+    def generation_flops(self, length: int, new_tokens: int) -> float:
+        """The prefill of ``length`` positions and the ``new_tokens - 1`` steps after the first token."""
+        return self.prefill_flops(length) + sum(self.decode_flops(length + step + 1) for step in range(new_tokens - 1))
+
+
+def llm_dims(base) -> LLMDims:
+    from ..models.memory import base_shape
+
+    shape = base_shape(base)
+    return LLMDims(shape.family, shape.hidden_size, shape.q_width, shape.kv_width, shape.mlp_width,
+                   shape.num_layers, shape.vocab_size)
+
+
+def image_flops(base) -> float:
+    """FLOPs of one image through the base's vision side (LLaVA: vision tower and projector; BLIP-2:
+    ViT, Q-Former and projection), measured by torch's FLOP counter; works on the meta device too."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    count_cpu_attention()
+    parameter = next(base.model.parameters())
+    side = int(base.model.config.vision_config.image_size)
+    pixels = torch.zeros(1, 3, side, side, dtype=parameter.dtype, device=parameter.device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        base.model.get_image_features(pixel_values=pixels)
+    return float(counter.get_total_flops())
+
+
+def network_flops(network) -> float:
+    """2 x multiply-accumulates of a small MLP's linear layers (the gate, the policy), per example."""
+    from torch import nn
+
+    return float(sum(2 * m.in_features * m.out_features for m in network.modules() if isinstance(m, nn.Linear)))
+
+
+class EndToEndCost:
+    """Everything one example costs: the base's image encoding, prefill and decoding steps, the
+    decision (read-out of the base's head at the branch point and the gate's MLP), and audio
+    (encoder, projector, fused layers over the prompt and the generated positions).
+
+    Relative end-to-end compute against always-max says what the gate saves of the whole system;
+    against the base alone, what adding audio costs over not having it.
+    """
+
+    def __init__(self, llm: LLMDims, image: float, audio: Optional[AudioCostModel]):
+        self.llm, self.image, self.audio = llm, float(image), audio
+
+    @classmethod
+    def for_model(cls, model, max_budget: int) -> "EndToEndCost":
+        return cls(llm_dims(model.base), image_flops(model.base), AudioCostModel.for_model(model, max_budget))
+
+    def decision_flops(self, network) -> float:
+        """What deciding costs per example: the head read at one position and ``network``'s MLP."""
+        return self.llm.head_flops() + network_flops(network)
+
+    def base_flops(self, text_length: int, new_tokens: int, has_image: bool) -> float:
+        """The base's own answer: its image (if any), its prefill and decoding."""
+        return (self.image if has_image else 0.0) + self.llm.generation_flops(text_length, new_tokens)
+
+    def flops(self, k: int, text_length: int, clip_seconds: float, new_tokens: int, has_image: bool,
+              decision: float = 0.0) -> float:
+        audio = 0.0
+        if k > 0 and self.audio is not None:  # the fused layers run over the prompt and every new token
+            audio = self.audio.flops(k, text_length + max(new_tokens - 1, 0), clip_seconds)
+        return self.base_flops(text_length, new_tokens, has_image) + decision + audio

@@ -7,8 +7,13 @@ running; at or above the calibrated threshold the example gets ``budget_on`` tok
 On disk (a folder, written by ``safe distill-policy``):
 
     gate.safetensors   net.* (the MLP) and normalizer.mean / normalizer.std
-    gate.json          schema "safe.audio-gate/1": threshold, budget_on, token_budgets,
-                       state_dim, hidden_size, state_features, base_fingerprint, calibration
+    gate.json          schema "safe.audio-gate/2": threshold, budget_on, token_budgets,
+                       state_dim, hidden_size, state_features (with the state's version and the
+                       layer it is read at), base_fingerprint, calibration
+
+Schema 2 (issue 25) reads the state at the first fused layer, inside the answer's own prefill;
+a schema-1 gate was trained on the last layer's state and is refused with a message, not fed
+features it never saw.
 
 Loading needs torch and safetensors only, no training code: see ``safe_cli.deploy``.
 """
@@ -22,9 +27,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .state import CLIP_FEATURES, QUESTION_BUCKETS, StateNormalizer
+from .state import CLIP_FEATURES, QUESTION_BUCKETS, STATE_VERSION, StateNormalizer
 
-SCHEMA = "safe.audio-gate/1"
+SCHEMA = "safe.audio-gate/2"
+OLD_SCHEMAS = {"safe.audio-gate/1": "the last layer's state (before issue 25)"}
 WEIGHTS_FILE = "gate.safetensors"
 CONFIG_FILE = "gate.json"
 
@@ -69,7 +75,9 @@ class AudioGate(nn.Module):
         return {
             "schema": SCHEMA, "state_dim": self.state_dim, "hidden_size": self.hidden_size,
             "budget_on": self.budget_on, "token_budgets": self.token_budgets, "threshold": self.threshold,
-            "state_features": {"base_hidden": ["last position", "mean over the prompt"],
+            "state_features": {"version": STATE_VERSION,
+                               "read_at": "output of the first fused layer, before any audio",
+                               "base_hidden": ["last position", "mean over the prompt"],
                                "base_hidden_size": (self.state_dim - QUESTION_BUCKETS - len(CLIP_FEATURES)) // 2,
                                "question_buckets": QUESTION_BUCKETS, "extra": list(CLIP_FEATURES)},
             **self.metadata,
@@ -104,6 +112,11 @@ class AudioGate(nn.Module):
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise GateError(f"{config_path}: not valid JSON: {exc}") from None
+        if config.get("schema") in OLD_SCHEMAS:
+            raise GateError(f"{config_path}: schema {config['schema']!r} was trained on "
+                            f"{OLD_SCHEMAS[config['schema']]}; this SAFE reads the state at the first fused layer "
+                            "(one prefill per example): retrain Stage B and C (safe train --stage b, then "
+                            "safe distill-policy)")
         if config.get("schema") != SCHEMA:
             raise GateError(f"{config_path}: schema {config.get('schema')!r}, expected {SCHEMA!r}")
         known = {"schema", "state_dim", "hidden_size", "budget_on", "token_budgets", "threshold", "state_features"}

@@ -1,27 +1,34 @@
 """The policy's state: what it may look at before deciding whether audio is worth its cost.
 
-Nothing here runs the audio encoder (else skipping audio would save nothing). Per example:
+The state is read where the answer's own forward reaches the first fused layer, at its output
+and before any audio is added (the *branch point*). Every layer up to there is the base's own
+computation for every row, whatever the decision: so deployment runs the prompt through the
+base once, decides there, and carries on with audio in only the rows that get it, in the same
+forward, keeping the KV cache of every layer for decoding (``SAFEModel.generate_gated``).
+Reading the state after the last layer instead (as SAFE did until issue 25) needed a second,
+full prefill of every prompt: on LLaVA-1.5-7B about 8.6 TFLOPs to decide about a 0.35-TFLOP
+encoder. Nothing here runs the audio encoder (else skipping audio would save nothing). Per
+example:
 
-    question      the base's last-layer hidden state at the prompt's last position, and its
-                  mean over the prompt's tokens (the base reads the question and image anyway;
-                  its summary of them costs nothing extra). The last position alone mostly
-                  encodes the coming answer: on avdigits a policy on it alone confused
-                  "What is 3 plus 4?" with "Which digit is spoken?" on 13% of the arithmetic
-                  questions; the mean keeps the question's words.
+    question      the branch point's hidden state at the prompt's last position, and its mean
+                  over the prompt's tokens (the mean keeps the question's words: on avdigits a
+                  policy on the last position alone confused "What is 3 plus 4?" with "Which
+                  digit is spoken?" on 13% of the arithmetic questions)
     words         the prompt's token ids hashed into ``QUESTION_BUCKETS`` counts (the hashing
                   trick; image and padding tokens left out): which words the question uses,
-                  explicitly. With the hidden states alone a policy trained 600 steps still gave
-                  audio to a third of the arithmetic questions; with the words it can
-                  separate "spoken" from "plus" directly.
-    confidence    the base's own next-token distribution there: top probability, top-1 minus
-                  top-2 margin, entropy / log(vocab)
+                  explicitly, so a policy can separate "spoken" from "plus" directly
+    confidence    the base's own output head read at the branch point, last position (a logit
+                  lens: one H x vocab product, ~0.26 GFLOPs on a 7B base): top probability,
+                  top-1 minus top-2 margin, entropy / log(vocab)
     clip          has a clip (0/1), its length in seconds, log10 of its mean energy
 
-The prompt goes through the base left-padded, with position ids counted from each row's first
-real token, so a row's state does not depend on the rows it is batched with.
+Position ids count from each row's first real token (left padding, as ``generate`` counts
+them), so a row's state does not depend on the rows it is batched with.
 
-Deployment uses the same function (see ``safe_cli.deploy``), so a policy or gate sees in
-production exactly the features it was trained on.
+Training (Stage B/C) and evaluation read the state with ``policy_inputs``, which runs the base
+only up to the branch point and stops; deployment reads it inside the answer's forward with
+the same ``BranchState``. A policy or gate therefore sees in production exactly the features it
+was trained on (tests/test_deploy.py compares them).
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ import torch
 from torch import nn
 
 QUESTION_BUCKETS = 128
+# What the state is, for the files that store a policy or gate trained on it: "branch" = read at the
+# first fused layer (issue 25). A policy trained on another state must not be fed this one.
+STATE_VERSION = "branch-1"
 CLIP_FEATURES = ("base_confidence", "base_margin", "base_entropy", "has_clip", "clip_seconds", "clip_log_energy")
 
 
@@ -58,20 +68,22 @@ def question_words(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: 
 class PolicyInputs:
     features: torch.Tensor  # (B, state_dim(hidden)) float32
     has_clip: torch.Tensor  # (B,) bool: only these rows may get a budget > 0
-    text_length: torch.Tensor  # (B,) long: prompt tokens, for the cost model
+    text_length: torch.Tensor  # (B,) long: prompt tokens (image tokens included), for the cost model
     clip_seconds: torch.Tensor  # (B,) float
+    has_image: torch.Tensor  # (B,) bool: the base encodes an image for this row (BLIP-2: always)
+
+    FIELDS = ("features", "has_clip", "text_length", "clip_seconds", "has_image")
 
     def __len__(self) -> int:
         return self.features.shape[0]
 
     def select(self, rows) -> "PolicyInputs":
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return PolicyInputs(self.features[rows], self.has_clip[rows], self.text_length[rows], self.clip_seconds[rows])
+        return PolicyInputs(*(getattr(self, name)[rows] for name in self.FIELDS))
 
     @staticmethod
     def concat(parts: Sequence["PolicyInputs"]) -> "PolicyInputs":
-        return PolicyInputs(*(torch.cat([getattr(p, name) for p in parts])
-                              for name in ("features", "has_clip", "text_length", "clip_seconds")))
+        return PolicyInputs(*(torch.cat([getattr(p, name) for p in parts]) for name in PolicyInputs.FIELDS))
 
 
 def clip_statistics(waves: Sequence[Optional[np.ndarray]], sample_rate: int) -> np.ndarray:
@@ -87,38 +99,85 @@ def clip_statistics(waves: Sequence[Optional[np.ndarray]], sample_rate: int) -> 
     return np.asarray(rows, dtype=np.float32)
 
 
-@torch.no_grad()
-def policy_inputs(base, batcher, queries, waves: Sequence[Optional[np.ndarray]], sample_rate: int) -> PolicyInputs:
-    """One forward of the frozen base over the prompts; never the audio encoder."""
-    batch = batcher.for_generation(queries)
-    mask = batch["attention_mask"]
-    if base.kind != "hf-blip2":  # OPT (BLIP-2) already counts positions from the attention mask
-        batch["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    captured = {}
+def generation_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch as ``generate`` gives them: counted from each row's first
+    real token (padding positions get 1, as Hugging Face's ``prepare_inputs_for_generation``)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
-    def keep_last_hidden(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
+
+class BranchState:
+    """Turns the branch point's hidden states of a prompt batch into the policy's features.
+
+    ``layer`` is the first fused layer; ``batch`` the prompt batch (``PromptBatcher.for_generation``);
+    ``waves`` each row's clip (None for none) at ``sample_rate``.
+    """
+
+    def __init__(self, base, layer: int, batch: dict, waves: Sequence[Optional[np.ndarray]], sample_rate: int):
+        self.base, self.layer = base, int(layer)
+        self.mask, self.input_ids = batch["attention_mask"], batch["input_ids"]
+        self.clip = torch.from_numpy(clip_statistics(waves, sample_rate))
+        if len(waves) != self.mask.shape[0]:
+            raise ValueError(f"{len(waves)} clips for {self.mask.shape[0]} prompts")
+
+    def read(self, hidden: torch.Tensor) -> PolicyInputs:
+        """The policy's inputs from ``hidden`` (B, L, H), the branch layer's output over the prompt."""
+        mask = self.mask
         hidden = hidden.float()
         weights = mask.to(hidden.dtype)[..., None]
-        captured["hidden"] = torch.cat([hidden[:, -1], (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)], 1)
+        question = torch.cat([hidden[:, -1], (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)], 1)
+        probs = self.base.read_out(hidden[:, -1]).float().softmax(-1)
+        top2 = probs.topk(2, dim=-1).values
+        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1) / math.log(probs.shape[-1])
+        clip = self.clip.to(hidden.device)
+        words = question_words(self.input_ids, mask, getattr(self.base, "image_token_id", None))
+        features = torch.cat([question, words, top2[:, :1], top2[:, :1] - top2[:, 1:], entropy[:, None], clip], dim=1)
+        image = getattr(self.base, "image_token_id", None)
+        has_image = (self.input_ids == image).any(1) if image is not None else torch.zeros_like(mask[:, 0]).bool()
+        return PolicyInputs(features.cpu(), clip[:, 0].bool().cpu(), mask.sum(1).long().cpu(), clip[:, 1].cpu(),
+                            has_image.cpu())
 
-    handle = base.decoder_layers[-1].register_forward_hook(keep_last_hidden)
+
+class _BranchReached(Exception):
+    """Raised by the branch layer's hook to stop a state-only forward there."""
+
+
+def branch_layer(model) -> int:
+    """The layer whose output is the state: the first fused layer of a ``SAFEModel``."""
+    return min(model.fusion.layers)
+
+
+def base_inputs(base, batch: dict) -> dict:
+    """The prompt batch with generation's position ids (OPT counts them from the mask itself)."""
+    batch = dict(batch)
+    if base.kind != "hf-blip2":
+        batch["position_ids"] = generation_positions(batch["attention_mask"])
+    return batch
+
+
+@torch.no_grad()
+def policy_inputs(model, batcher, queries, waves: Sequence[Optional[np.ndarray]]) -> PolicyInputs:
+    """The state of each prompt: the base runs up to the branch point and stops; no audio encoder."""
+    base = model.base
+    batch = batcher.for_generation(queries)
+    reader = BranchState(base, branch_layer(model), batch, waves, model.audio_encoder.sample_rate)
+    captured = {}
+
+    def read_and_stop(module, args, output):
+        captured["inputs"] = reader.read(output[0] if isinstance(output, tuple) else output)
+        raise _BranchReached
+
+    handle = base.decoder_layers[reader.layer].register_forward_hook(read_and_stop)
     try:
-        logits = base(**batch).logits[:, -1].float()
+        base(**base_inputs(base, batch), use_cache=False)
+    except _BranchReached:
+        pass
     finally:
         handle.remove()
-    probs = logits.softmax(-1)
-    top2 = probs.topk(2, dim=-1).values
-    entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1) / math.log(probs.shape[-1])
-    clip = torch.from_numpy(clip_statistics(waves, sample_rate)).to(logits.device)
-    words = question_words(batch["input_ids"], mask, getattr(base, "image_token_id", None))
-    features = torch.cat([captured["hidden"], words, top2[:, :1], top2[:, :1] - top2[:, 1:], entropy[:, None], clip],
-                         dim=1)
-    return PolicyInputs(features.cpu(), clip[:, 0].bool().cpu(), mask.sum(1).long().cpu(), clip[:, 1].cpu())
+    return captured["inputs"]
 
 
-def pool_policy_inputs(base, batcher, pool, chosen, sample_rate: int) -> PolicyInputs:
-    return policy_inputs(base, batcher, pool.queries(chosen, with_answers=False), pool.audio(chosen), sample_rate)
+def pool_policy_inputs(model, batcher, pool, chosen) -> PolicyInputs:
+    return policy_inputs(model, batcher, pool.queries(chosen, with_answers=False), pool.audio(chosen))
 
 
 class StateNormalizer(nn.Module):

@@ -47,7 +47,8 @@ class Checkpoint:
 
 
 def save_checkpoint(
-    stage_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], meta: dict[str, Any]
+    stage_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], meta: dict[str, Any],
+    weights_metadata: Optional[dict[str, str]] = None,
 ) -> Path:
     root = Path(stage_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,8 @@ def save_checkpoint(
     tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({name: t.detach().contiguous().cpu() for name, t in weights.items()}, str(tmp / WEIGHTS))
+    save_file({name: t.detach().contiguous().cpu() for name, t in weights.items()}, str(tmp / WEIGHTS),
+              metadata=weights_metadata)
     torch.save(state, tmp / STATE)
     (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True) + "\n")
     _fsync_dir(tmp)

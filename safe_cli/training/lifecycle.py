@@ -76,13 +76,13 @@ def open_stage_dir(directory: Path, profile: Profile, device: torch.device, base
     atomic_write_text(fingerprint_file, base_fingerprint + "\n")
 
 
-def save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
+def save_weights(path: Path, weights: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
     """safetensors written to a temporary name and renamed: never half a file under the real name."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({name: t.detach().contiguous().cpu() for name, t in weights.items()}, str(tmp))
+    save_file({name: t.detach().contiguous().cpu() for name, t in weights.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
 
 

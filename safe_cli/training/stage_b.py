@@ -56,7 +56,7 @@ from ..models.builder import resolve_device
 from ..progress import progress_bar
 from ..rl.cost import AudioCostModel
 from ..rl.policy import AudioPolicyNetwork
-from ..rl.state import PolicyInputs, StateNormalizer, pool_policy_inputs, state_dim
+from ..rl.state import STATE_VERSION, PolicyInputs, StateNormalizer, pool_policy_inputs, state_dim
 from . import run_dir as layout
 from .batches import generate_safe_answers, row_exact_match, training_batch
 from .checkpoint import check_fingerprint, latest_checkpoint, save_checkpoint
@@ -131,8 +131,16 @@ def stage_a_weights_dir(root: Path) -> Path:
 
 def load_policy(path: Path, state_dim: int, profile: Profile) -> tuple[AudioPolicyNetwork, StateNormalizer]:
     """The policy and its feature standardisation from ``policy.safetensors`` (CPU)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    with safe_open(str(path), framework="pt") as handle:
+        state = (handle.metadata() or {}).get("state")
+    if state != STATE_VERSION:
+        trained_on = "the last layer's state (before issue 25)" if state is None else f"state {state!r}"
+        raise SafeError(f"{path}: the policy was trained on {trained_on}, not on this SAFE's state {STATE_VERSION!r} "
+                        "(read at the first fused layer, one prefill per example); retrain it: "
+                        "safe train --stage b, then safe distill-policy")
     policy = AudioPolicyNetwork(state_dim, profile.policy.token_budgets, profile.policy.hidden_size)
     normalizer = StateNormalizer(state_dim)
     weights = load_file(str(path))
@@ -249,7 +257,7 @@ class StageBTrainer:
         chunk = self.profile.evaluation.batch_size
         for i in range(0, size, chunk):
             part = chosen[i: i + chunk]
-            features.append(pool_policy_inputs(self.model.base, self.batcher, self.train_pool, part, self.rate).features)
+            features.append(pool_policy_inputs(self.model, self.batcher, self.train_pool, part).features)
             scores.append(self._scores(part, [0] * len(part)))
         self.normalizer.fit(torch.cat(features))
         self.base_retention_accuracy = float(torch.cat(scores)[is_retention].mean())
@@ -275,7 +283,8 @@ class StageBTrainer:
             state["adapter_optimizer"] = self.adapter_optimizer.state_dict()
         meta = {"base_fingerprint": self.base_fingerprint, "variant": self.variant_name, "seed": self.seed,
                 "profile": self.profile.name, "stage": "b", "world_size": self.dist.world}
-        path = save_checkpoint(self.stage_dir, step, self.weights(), state, meta)
+        path = save_checkpoint(self.stage_dir, step, self.weights(), state, meta,
+                               weights_metadata={"state": STATE_VERSION})
         self.dist.barrier()
         return path
 
@@ -305,9 +314,8 @@ class StageBTrainer:
         """The global batch's policy inputs from every rank's slice (in rank order: the draw's order)."""
         if not self.dist.enabled:
             return local
-        fields = ("features", "has_clip", "text_length", "clip_seconds")
-        parts = [torch.cat(self.dist.gather(getattr(local, name).double())) for name in fields]
-        return PolicyInputs(parts[0].float(), parts[1].bool(), parts[2].long(), parts[3].float())
+        parts = [torch.cat(self.dist.gather(getattr(local, name).double())) for name in PolicyInputs.FIELDS]
+        return PolicyInputs(parts[0].float(), parts[1].bool(), parts[2].long(), parts[3].float(), parts[4].bool())
 
     def _adapter_loss(self, logits, labels, teacher, budgets, is_retention) -> torch.Tensor:
         audio_rows = (~is_retention & (budgets > 0)).to(logits.device)
@@ -341,7 +349,7 @@ class StageBTrainer:
         chosen, is_retention = self._draw(rng, self.cfg.batch_size * self.dist.world,
                                           np.random.default_rng([self.seed, step, 1]))
         mine = self.dist.rows(len(chosen))
-        local = pool_policy_inputs(self.model.base, self.batcher, self.train_pool, chosen[mine], self.rate)
+        local = pool_policy_inputs(self.model, self.batcher, self.train_pool, chosen[mine])
         return rng, chosen, is_retention, mine, local, self._gather_inputs(local)
 
     def _step_all_budgets(self, step: int) -> dict[str, float]:
@@ -515,7 +523,8 @@ class StageBTrainer:
         if not main:  # rank 0 writes the policy and evaluates
             return StageBResult(directory, self.variant_name, self.seed, self.cfg.steps, resumed_from, train_seconds,
                                 speed, peak_memory_mb(self.device), self.base_fingerprint, True, self.multiplier)
-        save_weights(directory / POLICY_WEIGHTS, {k: v for k, v in self.weights().items() if not k.startswith("model.")})
+        save_weights(directory / POLICY_WEIGHTS, {k: v for k, v in self.weights().items() if not k.startswith("model.")},
+                     metadata={"state": STATE_VERSION})
         if self.adapters:
             save_weights(directory / layout.FINAL_WEIGHTS, self.adapters)
 

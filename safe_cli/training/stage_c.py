@@ -138,7 +138,7 @@ class StageCDistiller:
         parts = []
         with progress_bar(description, -(-len(examples) // size)) as advance:
             for i in range(0, len(examples), size):
-                parts.append(pool_policy_inputs(self.model.base, self.batcher, pool, examples[i: i + size], self.rate))
+                parts.append(pool_policy_inputs(self.model, self.batcher, pool, examples[i: i + size]))
                 advance()
         return PolicyInputs.concat(parts)
 
