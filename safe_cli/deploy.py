@@ -48,9 +48,9 @@ def decide_budgets(model, gate: AudioGate, batcher: PromptBatcher, queries: Sequ
 @torch.no_grad()
 def generate_gated(model, gate: AudioGate, batcher: PromptBatcher, queries: Sequence[Query],
                    waves: Sequence[Optional[np.ndarray]], max_new_tokens: Optional[int] = None,
-                   threshold: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, PolicyInputs]:
-    """Greedy generation with the gate deciding inside the prefill; returns (new token ids, budgets,
-    the state the gate read)."""
+                   threshold: Optional[float] = None, **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor, PolicyInputs]:
+    """Generation (greedy unless ``generate_kwargs`` say otherwise, e.g. ``do_sample=True``) with the
+    gate deciding inside the prefill; returns (new token ids, budgets, the state the gate read)."""
     if max_new_tokens is None:
         max_new_tokens = batcher.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     batch = batcher.for_generation(queries)
@@ -63,15 +63,18 @@ def generate_gated(model, gate: AudioGate, batcher: PromptBatcher, queries: Sequ
 
     pad = batcher.tokenizer.pad_token_id
     output, budgets = model.generate_gated(
-        **batch, decide=decide, audio=list(waves), max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=batcher.end_ids, pad_token_id=batcher.end_ids[0] if pad is None else pad)
+        **batch, decide=decide, audio=list(waves), **{
+            "max_new_tokens": max_new_tokens, "do_sample": False, "eos_token_id": batcher.end_ids,
+            "pad_token_id": batcher.end_ids[0] if pad is None else pad, **generate_kwargs})
     return output[:, batch["input_ids"].shape[1]:], budgets, seen["inputs"]
 
 
 @torch.no_grad()
 def answer(model, gate: AudioGate, batcher: PromptBatcher, queries: Sequence[Query],
            waves: Sequence[Optional[np.ndarray]], max_new_tokens: int = 8,
-           threshold: Optional[float] = None) -> tuple[list[str], torch.Tensor]:
-    """Greedy answers with audio only where the gate says it pays; returns (answers, budgets)."""
-    new_ids, budgets, _ = generate_gated(model, gate, batcher, queries, waves, max_new_tokens, threshold)
+           threshold: Optional[float] = None, **generate_kwargs) -> tuple[list[str], torch.Tensor]:
+    """Greedy answers with audio only where the gate says it pays; returns (answers, budgets).
+    ``generate_kwargs`` go to Hugging Face's ``generate`` (sampling, ``min_new_tokens``, ...)."""
+    new_ids, budgets, _ = generate_gated(model, gate, batcher, queries, waves, max_new_tokens, threshold,
+                                         **generate_kwargs)
     return batcher.decode(new_ids), budgets

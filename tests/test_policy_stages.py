@@ -22,7 +22,7 @@ from safe_cli.config import load_profile
 from safe_cli.errors import SafeError
 from safe_cli.evaluation.runs import load_trained_model, locate
 from safe_cli.rl.gate import AudioGate
-from safe_cli.rl.state import pool_policy_inputs
+from safe_cli.rl.state import PolicyInputs, pool_policy_inputs
 from safe_cli.data.sources import split_pool
 from safe_cli.training.stage_a import train_stage_a
 from safe_cli.training.stage_b import StageBTrainer, train_stage_b
@@ -251,3 +251,145 @@ def test_readme_deployment_example_runs_as_written(full_run, tmp_path, monkeypat
     exec(compile(block, "README deployment example", "exec"), namespace)
     assert len(namespace["texts"]) == 2 and namespace["budgets"].shape == (2,)
     assert set(namespace["budgets"].tolist()) <= {0, namespace["gate"].budget_on}
+
+
+# --------------------------------------------------------------------------- one prefill per example
+
+
+def _deployed(full_run):
+    from safe_cli.data.batches import PromptBatcher
+
+    run = full_run[0]
+    profile = load_profile("demo", STAGES_BC)
+    model = load_trained_model(locate(run / "stage-a"), profile, "cpu")
+    pool = split_pool(profile, "test", model.audio_encoder.sample_rate)
+    chosen = [e for e in pool.examples if e.audio is not None][:6]
+    return model, AudioGate.load(run / "stage-c"), PromptBatcher(model.base), pool, chosen
+
+
+class LayerCalls:
+    """Counts the forward calls of each of the base's decoder layers while in use."""
+
+    def __init__(self, model):
+        self.calls = [0] * model.base.num_layers
+        self.handles = [layer.register_forward_hook(lambda *_, i=i: self.calls.__setitem__(i, self.calls[i] + 1))
+                        for i, layer in enumerate(model.base.decoder_layers)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_the_deployed_gate_decides_inside_the_answers_own_prefill(full_run):
+    """The state is the same whether or not a row then takes audio, it is the state Stage B/C
+    trained on (policy_inputs), and the layers up to the first fused one run once per decoding
+    step: one prefill, no second forward to decide (the old path ran the whole base first)."""
+    from safe_cli.deploy import answer, generate_gated
+    from safe_cli.rl.state import branch_layer, policy_inputs
+
+    model, gate, batcher, pool, chosen = _deployed(full_run)
+    queries, waves = pool.queries(chosen, with_answers=False), pool.audio(chosen)
+    trained_on = policy_inputs(model, batcher, queries, waves)
+    branch = branch_layer(model)
+    assert branch > 0  # the demo fuses layers 1 and 3: layer 0 is below the branch point
+    states = {}
+    for threshold in (1.01, 0.0):
+        with LayerCalls(model) as counted:
+            new_ids, budgets, states[threshold] = generate_gated(model, gate, batcher, queries, waves, 6, threshold)
+        steps = new_ids.shape[1]  # the prefill gives the first token, each later step one more
+        assert counted.calls == [steps] * model.base.num_layers
+        assert budgets.tolist() == ([0] * 6 if threshold > 1 else [gate.budget_on] * 6)
+    for field in PolicyInputs.FIELDS:
+        assert torch.equal(getattr(states[1.01], field), getattr(states[0.0], field)), field
+        assert torch.equal(getattr(states[0.0], field), getattr(trained_on, field)), field
+    # answer(), what a deployment calls, is that one prefill too.
+    with LayerCalls(model) as counted:
+        texts, _ = answer(model, gate, batcher, queries, waves, 6, threshold=0.0)
+    steps = max(len(batcher.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) + 1
+    assert counted.calls == [min(steps, 6)] * model.base.num_layers
+    # Deciding alone runs the base only up to the branch point.
+    with LayerCalls(model) as counted:
+        policy_inputs(model, batcher, queries, waves)
+    assert counted.calls == [1] * (branch + 1) + [0] * (model.base.num_layers - branch - 1)
+
+
+def test_budget_zero_rows_of_the_deployed_path_are_the_bases_own_generation_bit_for_bit(full_run):
+    """A mixed batch through the deployed path: the rows the gate gives no audio decode exactly
+    the base's logits at every step, and the rows with audio do not."""
+    model, gate, batcher, pool, chosen = _deployed(full_run)
+    queries, waves = pool.queries(chosen, with_answers=False), pool.audio(chosen)
+    batch = batcher.for_generation(queries)
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_scores=True,
+                    return_dict_in_generate=True, pad_token_id=0)
+    mixed = torch.tensor([0, 12, 0, 12, 0, 12])
+    gated, budgets = model.generate_gated(**batch, decide=lambda hidden: mixed, audio=waves, **settings)
+    base = model.base_model.generate(**batch, **settings)
+    assert budgets.tolist() == mixed.tolist()
+    off, on = mixed == 0, mixed > 0
+    assert torch.equal(gated.sequences[off], base.sequences[off])
+    for gated_step, base_step in zip(gated.scores, base.scores):
+        assert torch.equal(gated_step[off], base_step[off])
+    assert not torch.equal(torch.stack(gated.scores)[:, on], torch.stack(base.scores)[:, on])
+    # What generate_gated does for audio rows is what generate does at that budget.
+    reference = model.generate(**batch, token_budget=mixed, audio=waves, **settings)
+    for gated_step, reference_step in zip(gated.scores, reference.scores):
+        assert torch.equal(gated_step, reference_step)
+
+
+def test_end_to_end_cost_is_what_torchs_flop_counter_counts_for_each_kind_of_example(full_run):
+    """The cost model's FLOPs for one example of each kind (text, VL, VL with a distractor clip at
+    budget 0, a spoken question at the largest budget), prefill and decoding steps included,
+    against torch's FLOP counter over the same generate call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from safe_cli.rl.cost import AudioCostModel, EndToEndCost, count_cpu_attention
+
+    model, _, batcher, pool, _ = _deployed(full_run)
+    cost = EndToEndCost.for_model(model, AudioCostModel.for_model(model, 12))
+    count_cpu_attention()
+    kinds = {}
+    for example in pool.examples:
+        kinds.setdefault((example.task.split("/")[0], example.audio is not None), example)
+    cases = [(kinds[("text", False)], 0), (kinds[("vl", False)], 0), (kinds[("vl", True)], 0), (kinds[("audio", True)], 12)]
+    new_tokens = 3
+
+    def counted(example, budget):
+        batch = batcher.for_generation(pool.queries([example], with_answers=False))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.generate(**batch, token_budget=torch.tensor([budget]), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                           **pool.audio_inputs([example], "cpu"))
+        return counter.get_total_flops()
+
+    counted(cases[-1][0], 12)  # the first audio call folds LoRA into the fused weights once: not per example
+    for example, budget in cases:
+        state = pool_policy_inputs(model, batcher, pool, [example])
+        predicted = cost.flops(budget, int(state.text_length[0]), float(state.clip_seconds[0]), new_tokens,
+                               bool(state.has_image[0]))
+        assert predicted == counted(example, budget), (example.task, budget)
+
+
+def test_a_gate_or_policy_trained_on_the_previous_state_is_refused_with_what_to_do(full_run, tmp_path):
+    from safetensors.torch import save_file
+
+    from safe_cli.rl.gate import GateError
+    from safe_cli.training.stage_b import load_policy
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run[0], run)
+    config_path = run / "stage-c/gate.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "schema": "safe.audio-gate/1"}))
+    with pytest.raises(GateError, match="retrain Stage B and C"):
+        AudioGate.load(run / "stage-c")
+    result = CliRunner().invoke(app, ["eval-retention", str(run)])
+    assert result.exit_code == 2 and "retrain Stage B and C" in result.output and "Traceback" not in result.output
+
+    policy_path = run / "stage-b/policy.safetensors"
+    save_file(load_file(str(policy_path)), str(policy_path))  # the weights as before issue 25: no state version
+    profile = load_profile("demo", STAGES_BC)
+    with pytest.raises(SafeError, match="retrain it: safe train --stage b"):
+        load_policy(policy_path, AudioGate.load(full_run[0] / "stage-c").state_dim, profile)

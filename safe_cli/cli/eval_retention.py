@@ -116,7 +116,7 @@ def eval_retention(
     from ..evaluation.stats import RULE_TEXT
     from ..evaluation.runs import load_decider, load_trained_model, locate
     from ..models.builder import resolve_device
-    from ..rl.cost import AudioCostModel
+    from ..rl.cost import AudioCostModel, EndToEndCost
     from ..rl.state import state_dim
     from .train import strategy_table
 
@@ -139,7 +139,7 @@ def eval_retention(
         raise SafeError(f"--data: no usable examples ({len(dataset.skipped)} unreadable file(s))")
     budgets = list(resolved.policy.token_budgets)
     decider = load_decider(trained, state_dim(model.base.hidden_size), resolved)
-    cost_model = AudioCostModel.for_model(model, max(budgets))
+    cost = EndToEndCost.for_model(model, AudioCostModel.for_model(model, max(budgets)))
     context = {
         "profile": resolved.name, "variant": trained.variant, "seed": trained.seed, "stage": trained.stage,
         "weights": str(trained.weights_path), "step": trained.step, "base_fingerprint": model.base_fingerprint(),
@@ -147,7 +147,7 @@ def eval_retention(
     }
     report = build_report(
         model, PromptBatcher.for_evaluation(model.base, evaluation), dataset.pool, budgets=budgets,
-        cost_model=cost_model, tolerance=tolerance, significance=evaluation.significance,
+        cost=cost, tolerance=tolerance, significance=evaluation.significance,
         bootstrap_samples=evaluation.bootstrap_samples, batch_size=batch_size or evaluation.batch_size,
         max_examples=max_examples or evaluation.max_examples, seed=seed, context=context, rule=rule, **decider,
     )

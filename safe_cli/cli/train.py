@@ -133,12 +133,17 @@ def stage_a_table(title: str, rows: list[dict]) -> ReportTable:
 def strategy_table(title: str, points: list[dict]) -> ReportTable:
     table = ReportTable(title=title)
     table.add_text_column("strategy")
-    for column in ("accuracy", "audio q.", "distractor q.", "audio usage", "mean k", "rel. compute"):
+    for column in ("accuracy", "audio q.", "distractor q.", "audio usage", "mean k", "audio compute",
+                   "end to end", "vs base"):
         table.add_number_column(column)
     for point in points:
+        # audio compute: encoder + fusion over always-max; end to end: every FLOP of an example
+        # (base, decision, audio) over always-max, and over the base alone
         table.add_row(point["strategy"], f"{point['accuracy']:.1%}", f"{point['audio_accuracy']:.1%}",
                       f"{point['retention_accuracy']:.1%}", f"{point['audio_usage_rate']:.1%}",
-                      f"{point['mean_token_budget']:.1f}", f"{point['relative_audio_compute']:.2f}")
+                      f"{point['mean_token_budget']:.1f}", f"{point['relative_audio_compute']:.2f}",
+                      f"{point.get('relative_end_to_end_compute', float('nan')):.3f}",
+                      f"{point.get('end_to_end_vs_base', float('nan')):.3f}")
     return table
 
 

@@ -90,22 +90,30 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Efficiency ({efficiency['policy']}): audio encoder on {100 * efficiency['audio_usage_rate']:.0f}% of "
         f"examples with a clip, mean budget {efficiency['mean_token_budget']:.1f} tokens, relative audio compute "
-        f"{efficiency['relative_audio_compute']:.2f} (FLOPs of encoder + fusion over always-max).",
+        f"{efficiency['relative_audio_compute']:.2f} (FLOPs of encoder + fusion over always-max)"
+        + (f"; end to end (the base's image, prefill and decoding, the decision and audio) "
+           f"{efficiency['relative_end_to_end_compute']:.3f} of always-max and "
+           f"{efficiency['end_to_end_vs_base']:.3f} of the base alone." if "end_to_end_vs_base" in efficiency else "."),
         "",
         "| strategy | accuracy (with a clip) | audio questions | distractor questions | audio usage | mean k "
-        "| relative compute |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| relative audio compute | end to end / always-max | end to end / base |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for point in report.get("strategies", []):
         lines.append(
             f"| {point['strategy']} | {100 * point['accuracy']:.1f}% | {100 * point['audio_accuracy']:.1f}% "
             f"| {100 * point['retention_accuracy']:.1f}% | {100 * point['audio_usage_rate']:.1f}% "
-            f"| {point['mean_token_budget']:.1f} | {point['relative_audio_compute']:.3f} |"
+            f"| {point['mean_token_budget']:.1f} | {point['relative_audio_compute']:.3f} "
+            f"| {_ratio(point, 'relative_end_to_end_compute')} | {_ratio(point, 'end_to_end_vs_base')} |"
         )
     if report.get("skipped"):
         lines += ["", f"Skipped {len(report['skipped'])} unreadable file(s):", ""]
         lines += [f"- `{entry['file']}`: {entry['reason']}" for entry in report["skipped"][:50]]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(point: dict[str, Any], key: str) -> str:
+    return f"{point[key]:.3f}" if key in point else "-"
 
 
 STRATEGY_TEXT = {
@@ -177,35 +185,52 @@ STRATEGY_STYLE = {"fixed": ("s", "#555555"), "oracle": ("*", "#2ca02c"), "policy
                   "gate": ("o", "#d62728")}
 
 
+# One panel per compute measure: (the point's key, x label, title).
+PARETO_PANELS = (
+    ("relative_audio_compute", "relative audio compute (FLOPs of encoder + fusion / always-max)",
+     "accuracy vs audio compute"),
+    ("relative_end_to_end_compute", "relative end-to-end compute (all FLOPs of an example / always-max)",
+     "accuracy vs end-to-end compute"),
+)
+
+
 def plot_pareto(report: dict[str, Any], path: Path) -> None:
-    """Accuracy (examples with a clip) against relative audio compute, one point per strategy."""
+    """Accuracy (examples with a clip) against relative audio compute and, beside it, against
+    relative end-to-end compute (what the whole system costs), one point per strategy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     points = report.get("strategies", [])
-    figure, axes = plt.subplots(figsize=(6.5, 4.5))
-    curve = sorted((p for p in points if p["kind"] == "gate-curve"), key=lambda p: p["relative_audio_compute"])
+    # Reports written before end-to-end compute was counted have the first panel only.
+    panels = [panel for panel in PARETO_PANELS if all(panel[0] in p for p in points)] or PARETO_PANELS[:1]
+    figure, grid = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for axes, (key, xlabel, title) in zip(grid[0], panels):
+        _pareto_panel(figure, axes, points, key, xlabel, title)
+    _save_figure(figure, path)
+
+
+def _pareto_panel(figure, axes, points: list[dict[str, Any]], key: str, xlabel: str, title: str) -> None:
+    curve = sorted((p for p in points if p["kind"] == "gate-curve"), key=lambda p: p[key])
     if curve:
-        axes.plot([p["relative_audio_compute"] for p in curve], [100 * p["accuracy"] for p in curve], "-",
+        axes.plot([p[key] for p in curve], [100 * p["accuracy"] for p in curve], "-",
                   color="#d62728", alpha=0.4, marker=".", label="gate, thresholds 0.05-0.95")
     labels = []
     for point in points:
         if point["kind"] == "gate-curve":
             continue
         marker, colour = STRATEGY_STYLE.get(point["kind"], ("o", "grey"))
-        axes.plot(point["relative_audio_compute"], 100 * point["accuracy"], marker, color=colour, markersize=8)
-        labels.append((point["strategy"], point["relative_audio_compute"], 100 * point["accuracy"]))
-    axes.set_xlabel("relative audio compute (FLOPs of encoder + fusion / always-max)")
+        axes.plot(point[key], 100 * point["accuracy"], marker, color=colour, markersize=8)
+        labels.append((point["strategy"], point[key], 100 * point["accuracy"]))
+    axes.set_xlabel(xlabel, fontsize=8)
     axes.set_ylabel("accuracy on examples with a clip (%)")
     axes.set_xlim(-0.05, 1.1)
     axes.grid(alpha=0.3)
     if curve:
         axes.legend(loc="lower right", fontsize=8)
-    axes.set_title("accuracy vs audio compute")
+    axes.set_title(title)
     _place_labels(figure, axes, labels)
-    _save_figure(figure, path)
 
 
 LABEL_OFFSET = (5, 4)  # points right of and above the marker

@@ -166,7 +166,7 @@ def verdict_from_examples(examples: list[dict[str, Any]], evaluation) -> str:
     return report_verdict(tasks, True, evaluation.rule)[0]
 
 
-def build_report(model, batcher, pool: RecordPool, *, budgets: list[int], cost_model, tolerance: float,
+def build_report(model, batcher, pool: RecordPool, *, budgets: list[int], cost, tolerance: float,
                  significance: float, bootstrap_samples: int, batch_size: int, max_examples: Optional[int],
                  seed: int = 0, context: Optional[dict[str, Any]] = None, policy=None, normalizer=None,
                  gate=None, rule: str = "non-inferiority") -> dict[str, Any]:
@@ -174,7 +174,7 @@ def build_report(model, batcher, pool: RecordPool, *, budgets: list[int], cost_m
     largest budget. Every example is answered at every budget once (``strategies.py``), so the
     report also places always-k, the oracle, the policy and the gate on one accuracy/compute plot.
     """
-    answers = answer_at_every_budget(model, batcher, pool, budgets, cost_model, batch_size, max_examples,
+    answers = answer_at_every_budget(model, batcher, pool, budgets, cost, batch_size, max_examples,
                                      description="base vs SAFE at every budget")
     points, deployed, chosen = compare_strategies(answers, policy, normalizer, gate)
     results = strategy_tasks(answers, chosen)
@@ -198,8 +198,9 @@ def build_report(model, batcher, pool: RecordPool, *, budgets: list[int], cost_m
         "tasks": tasks,
         "bypass": bypass.to_dict(),
         "efficiency": {"policy": deployed, **{k: point[k] for k in (
-            "audio_usage_rate", "mean_token_budget", "relative_audio_compute", "examples_with_audio",
-            "accuracy", "audio_accuracy", "retention_accuracy")}},
+            "audio_usage_rate", "mean_token_budget", "relative_audio_compute", "relative_end_to_end_compute",
+            "end_to_end_vs_base", "examples_with_audio", "accuracy", "audio_accuracy", "retention_accuracy")
+            if k in point}},
         "strategies": points,
         "examples": [{"task": r.task, "with_audio": r.with_audio, "base_answers": r.base_answers,
                       "safe_answers": r.safe_answers, "base_correct": r.base_correct,

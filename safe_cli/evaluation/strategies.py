@@ -7,8 +7,16 @@ bit-exact to the base, which the bypass check proves; rows with audio are comput
 row), so this gives the same answers as running each strategy's mixed batches, at a fraction
 of the cost: the always-k columns are needed anyway for the Pareto plot.
 
-Relative compute is the cost model's FLOPs of the chosen budgets over those of always-max,
-summed over the examples that have a clip (examples without one never cost audio).
+Compute is summed over the examples that have a clip (examples without one never cost audio),
+two ways (``safe_cli.rl.cost``):
+
+- relative audio compute: the encoder, projector and fused layers of the chosen budgets over
+  those of always-max; what the policy was trained to save.
+- end to end: everything an example costs, the base's image, prefill and decoding steps, the
+  decision (the head read at the branch point and the gate's or policy's MLP) and audio, over
+  always-max (``relative_end_to_end_compute``) and over the base alone (``end_to_end_vs_base``).
+  Decoding is counted for each answer's own tokens (its text re-tokenized, plus the end token).
+  This is what a deployment pays, and on a 7B base it is mostly the base.
 """
 
 from __future__ import annotations
@@ -19,10 +27,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from ..data.batches import DEFAULT_MAX_NEW_TOKENS
 from ..data.dataset import RecordPool
 from ..data.manifest import Record
 from ..progress import progress_bar
-from ..rl.cost import AudioCostModel
+from ..rl.cost import EndToEndCost
 from ..rl.state import PolicyInputs, pool_policy_inputs
 from ..training.batches import generate_safe_answers
 from .tasks import TaskResult, group_key
@@ -39,6 +48,10 @@ class BudgetAnswers:
     inputs: PolicyInputs
     relative_cost: np.ndarray  # (N, len(budgets)): cost of each budget / cost of the largest; 0 without a clip
     groups: list[tuple[str, bool]] = field(default_factory=list)  # (task, has a clip) per example, in order
+    # (N, len(budgets)) FLOPs of the whole example at each budget, the decision left out; and the
+    # cost model that prices a decision
+    end_to_end: Optional[np.ndarray] = None
+    cost: Optional[EndToEndCost] = None
 
     @property
     def has_clip(self) -> np.ndarray:
@@ -56,7 +69,7 @@ class BudgetAnswers:
         return np.where(self.has_clip, budget, 0)
 
 
-def answer_at_every_budget(model, batcher, pool: RecordPool, budgets: Sequence[int], cost_model: AudioCostModel,
+def answer_at_every_budget(model, batcher, pool: RecordPool, budgets: Sequence[int], cost: EndToEndCost,
                            batch_size: int = 32, max_examples: Optional[int] = None,
                            description: str = "answers at every budget") -> BudgetAnswers:
     budgets = sorted(set(int(b) for b in budgets) | {0})
@@ -81,23 +94,42 @@ def answer_at_every_budget(model, batcher, pool: RecordPool, budgets: Sequence[i
     state = PolicyInputs.concat(inputs)
     correct = {b: np.asarray(pool.scores(answers[b], examples), dtype=np.float64) for b in budgets}
     relative = np.zeros((len(examples), len(budgets)))
+    end_to_end = np.zeros((len(examples), len(budgets)))
+    cap = batcher.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     for row in range(len(examples)):
-        if bool(state.has_clip[row]):
-            length, seconds = int(state.text_length[row]), float(state.clip_seconds[row])
-            relative[row] = [cost_model.relative(b, length, seconds) for b in budgets]
-    return BudgetAnswers(examples, budgets, answers, correct, state, relative, [group_key(e) for e in examples])
+        length, seconds = int(state.text_length[row]), float(state.clip_seconds[row])
+        has_clip, has_image = bool(state.has_clip[row]), bool(state.has_image[row])
+        if has_clip:
+            relative[row] = [cost.audio.relative(b, length, seconds) for b in budgets]
+        for column, budget in enumerate(budgets):
+            new_tokens = min(cap, answer_tokens(batcher, answers[budget][row]) + 1)  # + the end token
+            end_to_end[row, column] = cost.flops(budget if has_clip else 0, length, seconds, new_tokens, has_image)
+    return BudgetAnswers(examples, budgets, answers, correct, state, relative, [group_key(e) for e in examples],
+                         end_to_end, cost)
 
 
-def strategy_point(answers: BudgetAnswers, name: str, chosen: np.ndarray, **extra: Any) -> dict[str, Any]:
-    """Accuracy and compute of one budget per example, over the examples that have a clip."""
+def answer_tokens(batcher, text: str) -> int:
+    return len(batcher.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def strategy_point(answers: BudgetAnswers, name: str, chosen: np.ndarray, decider=None, **extra: Any) -> dict[str, Any]:
+    """Accuracy and compute of one budget per example, over the examples that have a clip;
+    ``decider`` is the network (gate or policy) that chose them, whose decision is counted."""
     chosen = np.asarray(chosen)
     clip = answers.has_clip
     column = {b: i for i, b in enumerate(answers.budgets)}
+    rows, columns = np.arange(len(chosen)), np.array([column[int(b)] for b in chosen], dtype=np.int64)
     correct = np.array([answers.correct[int(b)][i] for i, b in enumerate(chosen)])
-    cost = np.array([answers.relative_cost[i, column[int(b)]] for i, b in enumerate(chosen)])
+    cost = answers.relative_cost[rows, columns]
     max_cost = answers.relative_cost[:, -1][clip].sum()
     needs = answers.needs_audio & clip
     distractor = ~answers.needs_audio & clip
+    compute = {}
+    if answers.end_to_end is not None and clip.any():
+        decision = answers.cost.decision_flops(decider) if decider is not None else 0.0
+        spent = answers.end_to_end[rows, columns][clip].sum() + decision * int(clip.sum())
+        compute = {"relative_end_to_end_compute": float(spent / answers.end_to_end[clip, -1].sum()),
+                   "end_to_end_vs_base": float(spent / answers.end_to_end[clip, 0].sum())}
     return {
         "strategy": name, **extra,
         "accuracy": float(correct[clip].mean()) if clip.any() else float("nan"),
@@ -106,6 +138,7 @@ def strategy_point(answers: BudgetAnswers, name: str, chosen: np.ndarray, **extr
         "audio_usage_rate": float((chosen[clip] > 0).mean()) if clip.any() else 0.0,
         "mean_token_budget": float(chosen[clip].mean()) if clip.any() else 0.0,
         "relative_audio_compute": float(cost[clip].sum() / max_cost) if max_cost > 0 else 0.0,
+        **compute,
         "examples_with_audio": int(clip.sum()),
     }
 
@@ -153,13 +186,13 @@ def compare_strategies(answers: BudgetAnswers, policy=None, normalizer=None, gat
     if policy is not None:
         chosen = policy_budgets(policy, normalizer, answers.inputs)
         deployed = "policy"
-        points.append(strategy_point(answers, "policy", chosen, kind="policy"))
+        points.append(strategy_point(answers, "policy", chosen, decider=policy, kind="policy"))
     if gate is not None:
         for threshold in GATE_THRESHOLDS:
             budgets = gate.decide(answers.inputs.features, answers.inputs.has_clip, threshold).numpy()
-            points.append(strategy_point(answers, f"gate@{threshold:g}", budgets, kind="gate-curve",
-                                         threshold=threshold))
+            points.append(strategy_point(answers, f"gate@{threshold:g}", budgets, decider=gate.net,
+                                         kind="gate-curve", threshold=threshold))
         chosen = gate.decide(answers.inputs.features, answers.inputs.has_clip).numpy()
         deployed = "gate"
-        points.append(strategy_point(answers, "gate", chosen, kind="gate", threshold=gate.threshold))
+        points.append(strategy_point(answers, "gate", chosen, decider=gate.net, kind="gate", threshold=gate.threshold))
     return points, deployed, chosen

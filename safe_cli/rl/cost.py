@@ -298,8 +298,9 @@ class EndToEndCost:
         self.llm, self.image, self.audio = llm, float(image), audio
 
     @classmethod
-    def for_model(cls, model, max_budget: int) -> "EndToEndCost":
-        return cls(llm_dims(model.base), image_flops(model.base), AudioCostModel.for_model(model, max_budget))
+    def for_model(cls, model, audio: AudioCostModel) -> "EndToEndCost":
+        """From a SAFEModel and its audio cost model (``AudioCostModel.for_model``)."""
+        return cls(llm_dims(model.base), image_flops(model.base), audio)
 
     def decision_flops(self, network) -> float:
         """What deciding costs per example: the head read at one position and ``network``'s MLP."""

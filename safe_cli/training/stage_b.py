@@ -54,7 +54,7 @@ from ..evaluation.strategies import answer_at_every_budget, compare_strategies, 
 from ..evaluation.tasks import TaskResult
 from ..models.builder import resolve_device
 from ..progress import progress_bar
-from ..rl.cost import AudioCostModel
+from ..rl.cost import AudioCostModel, EndToEndCost
 from ..rl.policy import AudioPolicyNetwork
 from ..rl.state import STATE_VERSION, PolicyInputs, StateNormalizer, pool_policy_inputs, state_dim
 from . import run_dir as layout
@@ -190,7 +190,8 @@ class StageBTrainer:
         self.base_fingerprint = self.model.base_fingerprint()
         self.budgets = list(profile.policy.token_budgets)
         self.max_budget = max(self.budgets)
-        self.cost_model = AudioCostModel.for_model(self.model, self.max_budget)
+        self.cost_model = AudioCostModel.for_model(self.model, self.max_budget)  # the reward's cost term
+        self.end_to_end = EndToEndCost.for_model(self.model, self.cost_model)  # reported, not rewarded
         self.rate = self.model.audio_encoder.sample_rate
 
         self.train_pool = make_pool(profile, train_records, self.rate, encoder=self.model.audio_encoder)
@@ -470,7 +471,7 @@ class StageBTrainer:
     def evaluate(self) -> tuple[list[TaskResult], dict[str, Any], list[dict[str, Any]]]:
         """Every test example at every budget; the policy's choices read from those answers."""
         eval_cfg = self.profile.evaluation
-        answers = answer_at_every_budget(self.model, self.batcher, self.test_pool, self.budgets, self.cost_model,
+        answers = answer_at_every_budget(self.model, self.batcher, self.test_pool, self.budgets, self.end_to_end,
                                          eval_cfg.batch_size, eval_cfg.max_examples,
                                          description="evaluate budgets and policy")
         points, _, chosen = compare_strategies(answers, self.policy, self.normalizer)

@@ -40,7 +40,7 @@ from ..evaluation.strategies import (answer_at_every_budget, compare_strategies,
 from ..evaluation.tasks import TaskResult
 from ..models.builder import resolve_device
 from ..progress import progress_bar
-from ..rl.cost import AudioCostModel
+from ..rl.cost import AudioCostModel, EndToEndCost
 from ..rl.gate import AudioGate
 from ..rl.state import PolicyInputs, pool_policy_inputs, state_dim
 from . import run_dir as layout
@@ -129,7 +129,7 @@ class StageCDistiller:
         self.base_fingerprint = self.model.base_fingerprint()
         self.rate = self.model.audio_encoder.sample_rate
         self.budgets = list(profile.policy.token_budgets)
-        self.cost_model = AudioCostModel.for_model(self.model, max(self.budgets))
+        self.cost = EndToEndCost.for_model(self.model, AudioCostModel.for_model(self.model, max(self.budgets)))
         self.state_dim = state_dim(self.model.base.hidden_size)
         self.policy, self.normalizer = load_policy(self.stage_b_dir / POLICY_WEIGHTS, self.state_dim, profile)
 
@@ -180,20 +180,22 @@ class StageCDistiller:
         examples = mixed_examples(pool, cfg.validation_examples, self.profile.training.stage_b.audio_fraction,
                                   np.random.default_rng([self.seed, 4]))
         view = pool.view(examples)
-        answers = answer_at_every_budget(self.model, self.batcher, view, self.budgets, self.cost_model,
+        answers = answer_at_every_budget(self.model, self.batcher, view, self.budgets, self.cost,
                                          self.profile.evaluation.batch_size, description="calibrate on validation")
-        policy_point = strategy_point(answers, "policy", policy_budgets(self.policy, self.normalizer, answers.inputs))
+        policy_point = strategy_point(answers, "policy", policy_budgets(self.policy, self.normalizer, answers.inputs),
+                                      decider=self.policy)
         probabilities = gate.probability(answers.inputs.features).numpy()
         thresholds = sorted(set(float(p) for p in probabilities[answers.has_clip])) + [1.0 + 1e-6]
         candidates = [strategy_point(answers, "gate", gate.decide(answers.inputs.features, answers.inputs.has_clip,
-                                                                  t).numpy(), threshold=t) for t in thresholds]
+                                                                  t).numpy(), decider=gate.net, threshold=t) for t in thresholds]
         chosen, met = choose_threshold(candidates, policy_point, cfg.target, cfg.target_value)
         gate.threshold = float(chosen["threshold"])
         step = max(1, len(candidates) // 50)
         return {"target": cfg.target, "target_value": cfg.target_value, "target_met": met,
                 "validation_examples": len(examples), "policy": policy_point, "gate": chosen,
                 "distill_agreement": self.distill_agreement,
-                "curve": [{k: c[k] for k in ("threshold", "accuracy", "audio_usage_rate", "relative_audio_compute")}
+                "curve": [{k: c[k] for k in ("threshold", "accuracy", "audio_usage_rate", "relative_audio_compute",
+                                             "relative_end_to_end_compute")}
                           for c in candidates[::step]]}
 
     def run(self) -> StageCResult:
@@ -210,7 +212,7 @@ class StageCDistiller:
         eval_cfg = self.profile.evaluation
         test_pool = make_pool(self.profile, evaluation_records(records_of(self.profile, "test"), self.profile.seed),
                               self.rate, encoder=self.model.audio_encoder)
-        answers = answer_at_every_budget(self.model, self.batcher, test_pool, self.budgets, self.cost_model,
+        answers = answer_at_every_budget(self.model, self.batcher, test_pool, self.budgets, self.cost,
                                          eval_cfg.batch_size, eval_cfg.max_examples, description="evaluate strategies")
         points, _, chosen = compare_strategies(answers, self.policy, self.normalizer, gate)
         result = StageCResult(
