@@ -19,6 +19,7 @@ from conftest import FAST
 from safe_cli.config import load_profile
 from safe_cli.errors import SafeError
 from safe_cli.models import build_safe_model
+from safe_cli.rl.cost import estimate_compute
 from safe_cli.models.memory import (
     FP32, base_shape, encoder_shape, estimate_memory, forward_activation_bytes, meta_base,
     saved_tensor_bytes,
@@ -223,7 +224,9 @@ def test_validate_estimate_json_agrees_with_the_library(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     expected = estimate_memory(load_profile("demo", ["fusion.layers=[0,3]"]), text_tokens=32).to_json()
+    compute = report.pop("compute")
     assert report == expected
+    assert compute == estimate_compute(load_profile("demo", ["fusion.layers=[0,3]"]), 0.494, 32, 8, 5.0).to_json()
     assert report["schema"] == "safe.memory-estimate/1"
     assert report["sequence"]["tokens"] == 16 + 32
     assert np.isclose(report["totals_gib"]["training"], report["totals_bytes"]["training"] / 2**30, atol=1e-3)
@@ -242,3 +245,36 @@ def test_validate_without_estimate_is_unchanged(tmp_path):
     result = safe("validate", "demo", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["name"] == "demo"
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_profiles_compute_estimate_offline(name, no_network):
+    """From dimensions alone: deciding inside the prefill costs next to nothing, the old second
+    prefill about doubled the base, and on these bases audio is a few percent of an answer."""
+    compute = estimate_compute(load_profile(name), audio_usage=0.5, text_tokens=64, new_tokens=8, clip_seconds=5.0)
+    flops, relative = compute.flops, compute.relative()
+    assert flops["base alone"] < flops["gate"] < flops["always-max"] < flops["gate, before (two prefills)"]
+    assert relative["gate, before (two prefills)"]["vs_base"] > 1.9
+    assert relative["always-max"]["vs_base"] < 1.1
+    assert compute.assumptions["decision_flops"] < 1e-3 * flops["base alone"]
+
+
+def test_compute_estimate_from_the_profile_is_the_cost_model_of_the_built_model():
+    """The meta-device estimate and the cost model of the model the loaders build agree exactly."""
+    from safe_cli.rl.cost import AudioCostModel, EndToEndCost
+
+    profile = load_profile("demo")
+    compute = estimate_compute(profile, audio_usage=0.25, text_tokens=20, new_tokens=3, clip_seconds=1.5)
+    model = build_safe_model(profile)
+    cost = EndToEndCost.for_model(model, AudioCostModel.for_model(model, 12))
+    length = model.base.num_image_tokens + 20
+    assert compute.flops["base alone"] == cost.flops(0, length, 1.5, 3, True)
+    assert compute.flops["always-max"] == cost.flops(12, length, 1.5, 3, True)
+
+
+def test_validate_estimate_prints_the_compute_table(tmp_path):
+    result = safe("validate", "blip2-opt27b-clap", "--estimate", "--audio-usage", "0.25", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for fragment in ["compute per example: blip2-opt27b-clap (32 image + 64 text tokens", "gate on 25.0% of clips",
+                     "gate, before (two prefills)", "ok: end to end, the gate at 25.0% audio usage costs"]:
+        assert fragment in result.stdout, fragment

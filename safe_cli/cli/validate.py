@@ -1,7 +1,8 @@
 """`safe validate`: print the resolved profile, or every problem in it at once (exit 2).
 
 With ``--estimate`` it prints the profile's memory estimate instead (safe_cli/models/memory.py):
-weights, one Stage A step and inference, from the architectures' configs alone.
+weights, one Stage A step and inference, from the architectures' configs alone; and what one
+answer costs end to end (safe_cli/rl/cost.py: the base alone, always-max audio, the gate).
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ def validate(
     text_tokens: int = typer.Option(
         64, "--text-tokens", min=1, help="Text tokens per example on top of the image tokens, for the estimate."
     ),
+    audio_usage: float = typer.Option(
+        0.494, "--audio-usage", min=0.0, max=1.0, help="Fraction of clips the gate sends to the encoder, for the "
+        "compute estimate (default: the avdigits gate's measured 49.4%, 2026-12-03)."
+    ),
+    new_tokens: int = typer.Option(8, "--new-tokens", min=1, help="Answer tokens per example, for the compute estimate."),
+    clip_seconds: float = typer.Option(5.0, "--clip-seconds", min=0.1, help="Clip length, for the compute estimate "
+                                       "(whisper without trim_to_clip always encodes 30 s)."),
     data: bool = typer.Option(
         False, "--data", help="Also read every record of the profile's data (training, validation and evaluation "
         "manifests; AV-digits is exported first) and check that every file exists; print the records per task kind."
@@ -56,7 +64,7 @@ def validate(
         _validate_data(resolved, as_json)
         return
     if estimate:
-        _print_estimate(resolved, variant, text_tokens, as_json)
+        _print_estimate(resolved, variant, text_tokens, as_json, (audio_usage, new_tokens, clip_seconds))
         return
     if as_json:
         print(json.dumps(resolved.model_dump(mode="json"), indent=2))
@@ -71,12 +79,16 @@ def validate(
     )
 
 
-def _print_estimate(resolved, variant: Optional[str], text_tokens: int, as_json: bool) -> None:
+def _print_estimate(resolved, variant: Optional[str], text_tokens: int, as_json: bool,
+                    compute_settings: tuple[float, int, float]) -> None:
     from ..models.memory import GIB, estimate_memory
+    from ..rl.cost import estimate_compute
 
     est = estimate_memory(resolved, variant, text_tokens)
+    usage, new_tokens, clip_seconds = compute_settings
+    compute = estimate_compute(resolved, usage, text_tokens, new_tokens, clip_seconds)
     if as_json:
-        print(json.dumps(est.to_json(), indent=2))
+        print(json.dumps({**est.to_json(), "compute": compute.to_json()}, indent=2))
         return
     console.print(estimate_table(est))
     for line in est.assumptions:
@@ -87,6 +99,28 @@ def _print_estimate(resolved, variant: Optional[str], text_tokens: int, as_json:
         f"{est.totals['inference'] / GIB:.1f} GiB",
         highlight=False,
     )
+    console.print(compute_table(compute))
+    relative = compute.relative()["gate"]
+    console.print(
+        f"[green]ok[/]: end to end, the gate at {100 * usage:.1f}% audio usage costs {relative['vs_always_max']:.3f} "
+        f"of always-max and {relative['vs_base']:.3f} of the base alone", highlight=False)
+
+
+def compute_table(compute) -> ReportTable:
+    """FLOPs per example of each way of answering, and their ratios."""
+    a = compute.assumptions
+    table = ReportTable(title=f"compute per example: {compute.profile} ({a['image_tokens']} image + {a['text_tokens']} "
+                        f"text tokens, {a['new_tokens']} answer tokens, {a['clip_seconds']:g} s clip, gate on "
+                        f"{100 * a['audio_usage']:.1f}% of clips)", title_justify="left")
+    table.add_text_column("answered by")
+    for column in ("TFLOPs", "vs always-max", "vs base"):
+        table.add_number_column(column)
+    for name, value in compute.flops.items():
+        ratios = compute.relative()[name]
+        table.add_row(name, f"{value / 1e12:.4g}", f"{ratios['vs_always_max']:.3f}", f"{ratios['vs_base']:.3f}")
+    table.add_row(f"(audio encoder, one clip: {a['audio_encoder_flops'] / 1e12:.4g}; deciding: "
+                  f"{a['decision_flops'] / 1e12:.2g})", "", "", "")
+    return table
 
 
 def estimate_table(est) -> ReportTable:

@@ -273,8 +273,16 @@ def image_flops(base) -> float:
     parameter = next(base.model.parameters())
     side = int(base.model.config.vision_config.image_size)
     pixels = torch.zeros(1, 3, side, side, dtype=parameter.dtype, device=parameter.device)
+    model = base.model
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        base.model.get_image_features(pixel_values=pixels)
+        if base.kind == "hf-blip2":
+            # get_image_features' steps, without its all-ones Q-Former masks: the same products,
+            # and a mask check (``mask.all()``) would need real data, which the meta device has not.
+            image = model.vision_model(pixel_values=pixels).last_hidden_state
+            queries = model.query_tokens.expand(1, -1, -1)
+            model.language_projection(model.qformer(query_embeds=queries, encoder_hidden_states=image).last_hidden_state)
+        else:
+            model.get_image_features(pixel_values=pixels)
     return float(counter.get_total_flops())
 
 
@@ -316,3 +324,107 @@ class EndToEndCost:
         if k > 0 and self.audio is not None:  # the fused layers run over the prompt and every new token
             audio = self.audio.flops(k, text_length + max(new_tokens - 1, 0), clip_seconds)
         return self.base_flops(text_length, new_tokens, has_image) + decision + audio
+
+
+# --------------------------------------------------------------------------- from a profile alone
+
+
+@dataclass
+class ComputeEstimate:
+    """End-to-end FLOPs of one example, from a profile's dimensions (``safe validate --estimate``)."""
+
+    profile: str
+    assumptions: dict
+    flops: dict  # what each way of answering costs per example
+
+    def relative(self) -> dict:
+        top, base = self.flops["always-max"], self.flops["base alone"]
+        return {name: {"vs_always_max": value / top, "vs_base": value / base} for name, value in self.flops.items()}
+
+    def to_json(self) -> dict:
+        return {"profile": self.profile, "assumptions": self.assumptions, "flops_per_example": self.flops,
+                "relative": self.relative()}
+
+
+def _encoder_cost_from_profile(cfg, base_seconds: float):
+    """(clip seconds -> encoder FLOPs, clip seconds -> frames the projector pools), from the config:
+    whisper from its dims, CLAP's tower counted by torch's counter on the meta device."""
+    from ..models.audio_encoders import TRIM_STEP_POSITIONS, whisper_positions
+    from ..models.memory import _whisper_dims
+
+    parts, frames = [], None
+    if cfg.kind in ("whisper", "both", "tiny-whisper"):
+        if cfg.kind == "tiny-whisper":
+            mels, ctx, state, layers = 80, whisper_positions(cfg.tiny_window_seconds), cfg.tiny_state, cfg.tiny_layers
+        else:
+            mels, ctx, state, _, layers = _whisper_dims(cfg.whisper.name_or_path)
+        dims = WhisperDims(mels, state, layers, ctx, TRIM_STEP_POSITIONS if cfg.whisper.trim_to_clip else None)
+        parts.append(dims.flops)
+        frames = dims.positions
+    if cfg.kind in ("clap", "both"):
+        flops = meta_clap_flops(cfg.clap.name_or_path)
+        parts.append(lambda seconds: flops)
+        if frames is None:
+            from ..models.memory import _clap_shape
+
+            steps = _clap_shape(cfg.clap.name_or_path)[1]
+            frames = lambda seconds: steps  # noqa: E731
+    if not parts:
+        raise ValueError(f"no cost formula for audio encoder kind {cfg.kind!r}")
+    return (lambda seconds: sum(part(seconds) for part in parts)), frames
+
+
+def meta_clap_flops(name_or_path: str) -> float:
+    """FLOPs of one clip through CLAP's audio tower, built on the meta device from its config."""
+    import torch
+    from transformers import ClapFeatureExtractor, ClapModel
+
+    from ..models.audio_encoders import ClapEncoder
+    from ..models.memory import KNOWN_CLAP, _from_pretrained_config, _known, _local_dir
+
+    directory = _local_dir(name_or_path)
+    key = "audio_encoder.clap.name_or_path"
+    config = (_from_pretrained_config(directory, key) if directory is not None
+              else _known(KNOWN_CLAP, name_or_path, key))
+    with torch.device("meta"):
+        model = ClapModel(config)
+    extractor = ClapFeatureExtractor()  # the 48 kHz, 10 s, 64-bin defaults every released CLAP uses
+    return clap_flops(ClapEncoder(model, extractor))
+
+
+def estimate_compute(profile, audio_usage: float, text_tokens: int, new_tokens: int,
+                     clip_seconds: float) -> ComputeEstimate:
+    """Per-example FLOPs of the base alone, always-max audio and the deployed gate at ``audio_usage``
+    (before issue 25, with its second prefill; and now), for a prompt of the base's image tokens plus
+    ``text_tokens``, ``new_tokens`` answer tokens and a clip of ``clip_seconds``; no weights needed."""
+    import torch
+    from torch import nn
+
+    from ..models.builder import build_trainable
+    from ..models.memory import meta_base
+    from .state import state_dim
+
+    base = meta_base(profile.base)
+    llm = llm_dims(base)
+    image = image_flops(base)
+    encoder_flops, frames = _encoder_cost_from_profile(profile.audio_encoder, clip_seconds)
+    from ..models.memory import encoder_shape
+
+    feature_dim = encoder_shape(profile.audio_encoder, profile.data.max_audio_seconds).feature_dim
+    with torch.device("meta"):
+        projector, fusion = build_trainable(profile, base, feature_dim)
+        gate_net = nn.Sequential(nn.Linear(state_dim(base.hidden_size), profile.training.stage_c.hidden_size),
+                                 nn.Tanh(), nn.Linear(profile.training.stage_c.hidden_size, 1))
+    budget = max(profile.policy.token_budgets)
+    cost = EndToEndCost(llm, image, AudioCostModel(encoder_flops, frames, fusion_dims(projector, fusion), budget))
+    length = base.num_image_tokens + text_tokens
+    decision = cost.decision_flops(gate_net)
+    alone = cost.flops(0, length, clip_seconds, new_tokens, True)
+    always = cost.flops(budget, length, clip_seconds, new_tokens, True)
+    gated = alone + decision + audio_usage * (always - alone)
+    before = gated + image + llm.prefill_flops(length)  # the old state: a second full forward, image included
+    return ComputeEstimate(profile.name, {
+        "audio_usage": audio_usage, "image_tokens": base.num_image_tokens, "text_tokens": text_tokens,
+        "new_tokens": new_tokens, "clip_seconds": clip_seconds, "budget": budget,
+        "audio_encoder_flops": encoder_flops(clip_seconds), "decision_flops": decision,
+    }, {"base alone": alone, "always-max": always, "gate, before (two prefills)": before, "gate": gated})
