@@ -28,8 +28,20 @@ every clip to it, so the cost does not depend on the clip).
 ``relative_cost(k)`` = cost(k) / cost(k_max), 0 for k = 0: the encoder is not run and no
 adapter is touched. With the encoder in the sum, the saving of a smaller k is small, and
 skipping audio is where the compute goes; that is the design's point, and the numbers show it.
-The policy's own network and the base's forward are not counted: the base runs for every
-example whatever the policy decides (its confidence is one of the policy's inputs).
+This is Stage B's cost term (relative audio compute).
+
+End to end (``EndToEndCost``, issue 25) counts everything one answer costs: the base's image
+(its vision side, measured by torch's FLOP counter, also on the meta device), its prefill and
+decoding steps (``LLMDims``), the decision (the base's output head read once at the branch
+point, and the gate's or policy's MLP) and audio, whose fused layers run over the prompt and
+every generated position. The decision reads the state inside the answer's own prefill, so no
+forward is counted twice. Checked against torch's counter on the demo model for text, VL,
+VL-with-clip and audio examples (tests/test_policy_stages.py): equal.
+
+Stage B keeps relative audio compute as its cost: the base's share is the same whatever the
+policy chooses, so the end-to-end cost would only rescale alpha by the base's size (a 7B base
+makes every audio saving look a few percent), and the policy learned on the demo would mean
+something else on LLaVA. The end-to-end figures are reported beside it.
 """
 
 from __future__ import annotations
