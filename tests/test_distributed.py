@@ -137,8 +137,11 @@ def test_stage_b_on_two_ranks_makes_the_single_process_policy(single_and_double,
     # of lr (3e-3) per step. So: almost every weight agrees to float rounding, none by more than
     # a small fraction of one step. A rank that dropped or double-counted rows fails both.
     assert float(diffs.median()) < 1e-6, float(diffs.median())
-    assert int((diffs > 1e-5).sum()) <= diffs.numel() // 1000, int((diffs > 1e-5).sum())
-    assert float(diffs.max()) < 1e-3, float(diffs.max())
+    # The state read at the first fused layer (issue 25) carries the early layer's read-out through
+    # the output head, whose softmax passes rounding on a little more: measured 31 of 21,841 weights
+    # above 1e-5, none above 1e-4 (max 8e-5), median 1.6e-7.
+    assert int((diffs > 1e-5).sum()) <= diffs.numel() // 200, int((diffs > 1e-5).sum())
+    assert float(diffs.max()) < 1e-4, float(diffs.max())
     one, two_metrics = _metrics(tmp_path / "one/stage-b"), _metrics(tmp_path / "two/stage-b")
     assert [r["step"] for r in two_metrics] == list(range(1, 7))
     for x, y in zip(one, two_metrics):
