@@ -14,6 +14,7 @@ from .eval_retention import eval_retention
 from .prepare import prepare
 from .sweep import sweep_app
 from .train import train
+from .use import ask, predict, serve
 from .validate import validate
 
 app = typer.Typer(
@@ -22,7 +23,7 @@ app = typer.Typer(
     # A prose paragraph before the examples: typer dedents what follows the first paragraph, so examples
     # alone there would lose their indentation and not be shown as a (verbatim) code block.
     "Run `safe COMMAND --help` for a command's options and more examples.\n\n"
-    "Examples:\n\n    safe validate demo\n\n    safe data export avdigits --out avdigits-export\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe train --stage b --variant soft_retention\n\n    safe distill-policy runs/demo/soft_retention/seed-0\n\n    safe eval-retention runs/demo/soft_retention/seed-0\n\n    safe sweep --variants no_retention,soft_retention --seeds 1,2 --stages a,b\n\n    torchrun --standalone --nproc_per_node 2 -m safe_cli train --stage a\n\n    safe validate llava15-7b-whisper-small --estimate\n\n    safe check --profile demo",
+    "Examples:\n\n    safe validate demo\n\n    safe data export avdigits --out avdigits-export\n\n    safe prepare\n\n    safe train --stage a --variant soft_retention\n\n    safe train --stage b --variant soft_retention\n\n    safe distill-policy runs/demo/soft_retention/seed-0\n\n    safe eval-retention runs/demo/soft_retention/seed-0\n\n    safe ask runs/demo/soft_retention/seed-0 -q \"Which digit is spoken?\" --audio clip.wav\n\n    safe serve runs/demo/soft_retention/seed-0\n\n    safe sweep --variants no_retention,soft_retention --seeds 1,2 --stages a,b\n\n    torchrun --standalone --nproc_per_node 2 -m safe_cli train --stage a\n\n    safe validate llava15-7b-whisper-small --estimate\n\n    safe check --profile demo",
     no_args_is_help=True,
     # Markdown: docstring paragraphs are reflowed to the terminal's width (rich mode keeps their hard line
     # breaks, cutting sentences short at 80 columns) and the indented example commands are code blocks, shown
@@ -57,6 +58,9 @@ app.command("eval-retention")(eval_retention)
 app.add_typer(sweep_app, name="sweep")
 app.add_typer(data_app, name="data")
 app.command("distill-policy")(distill_policy)
+app.command("ask")(ask)
+app.command("predict")(predict)
+app.command("serve")(serve)
 
 
 def main() -> None:
