@@ -37,9 +37,11 @@ def ask(
 
     Examples:
 
-        safe ask runs/demo/soft_retention/seed-0 -q "Which digit is spoken?" --audio clip.wav
+        safe ask runs/demo/soft_retention/seed-0 \\
+            -q "Which digit is spoken?" --audio clip.wav
 
-        safe ask runs/demo/soft_retention/seed-0 -q "What digit is shown?" --image digit.png --budget 0 --json
+        safe ask runs/demo/soft_retention/seed-0 \\
+            -q "What digit is shown?" --image digit.png --budget 0 --json
     """
     from ..api import SAFE
 
@@ -91,7 +93,8 @@ def predict(
 
     Example:
 
-        safe predict runs/demo/soft_retention/seed-0 --data eval.jsonl --out preds.jsonl
+        safe predict runs/demo/soft_retention/seed-0 \\
+            --data eval.jsonl --out preds.jsonl
     """
     from ..api import SAFE, Request
     from ..data.manifest import read_manifest
@@ -159,9 +162,7 @@ def serve(
 
         safe serve runs/demo/soft_retention/seed-0 --port 8000
 
-    then, with the openai package:
-
-        client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    then point the openai package at it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY).
     """
     import uvicorn
 
