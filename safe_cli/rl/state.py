@@ -28,7 +28,7 @@ them), so a row's state does not depend on the rows it is batched with.
 Training (Stage B/C) and evaluation read the state with ``policy_inputs``, which runs the base
 only up to the branch point and stops; deployment reads it inside the answer's forward with
 the same ``BranchState``. A policy or gate therefore sees in production exactly the features it
-was trained on (tests/test_deploy.py compares them).
+was trained on (tests/test_policy_stages.py compares them).
 """
 
 from __future__ import annotations
