@@ -149,6 +149,9 @@ def parse_chat(body: Any, safe: SAFE, settings: ServeSettings) -> tuple[Request,
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
+    if body.get("stream"):
+        raise APIError(400, "stream is not supported: this server answers whole (omit stream or set it false)",
+                       param="stream")
     if body.get("n", 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))

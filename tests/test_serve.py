@@ -260,6 +260,7 @@ BAD = [
     ("clip over the limit", {"long_clip": True}, None, {}, 400),
     ("body over the limit", None, b"{" + b" " * 500_000 + b"}", {}, 413),
     ("max_tokens out of range", {"max_tokens": 10_000}, None, {}, 400),
+    ("stream asked for", {"stream": True}, None, {}, 400),
     ("last message not the user's", {"messages": [{"role": "assistant", "content": "hi"}]}, None, {}, 400),
 ]
 
@@ -280,7 +281,7 @@ def _bad_body(safe, examples, change):
         parts[1]["image_url"]["url"] = change["image_url"]
     if change.get("long_clip"):
         parts[-1]["input_audio"]["data"] = _wav(np.zeros(int(rate * 3.0), np.float32), rate)
-    for key in ("model", "messages", "max_tokens"):
+    for key in ("model", "messages", "max_tokens", "stream"):
         if key in change:
             body[key] = change[key]
     return body
