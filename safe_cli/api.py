@@ -93,12 +93,10 @@ def load_clip(audio: Any, sample_rate: int) -> Optional[np.ndarray]:
 
 
 class _Decider:
-    """The run's budget rule behind one ``decide(features, has_clip)``, as deploy.generate_gated asks it,
-    with per-question overrides."""
+    """The run's budget rule: its gate, else its policy, else the largest budget for every clip."""
 
     def __init__(self, gate=None, policy=None, normalizer=None, max_budget: int = 0):
         self.gate, self.policy, self.normalizer, self.max_budget = gate, policy, normalizer, max_budget
-        self.overrides: list[Optional[int]] = []
 
     @property
     def name(self) -> str:
@@ -107,13 +105,26 @@ class _Decider:
     @torch.no_grad()
     def decide(self, features: torch.Tensor, has_clip: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
         if self.gate is not None:
-            budgets = self.gate.decide(features, has_clip, threshold)
-        elif self.policy is not None:
+            return self.gate.decide(features, has_clip, threshold)
+        if self.policy is not None:
             actions = self.policy.get_actions(self.normalizer(features), deterministic=True, has_audio=has_clip)
-            budgets = actions.budgets.cpu()
-        else:
-            budgets = torch.where(has_clip, self.max_budget, 0)
-        budgets = budgets.clone().long()
+            return actions.budgets.cpu()
+        return torch.where(has_clip, self.max_budget, 0)
+
+    def with_overrides(self, overrides: Sequence[Optional[int]]) -> "_Overridden":
+        return _Overridden(self, list(overrides))
+
+
+@dataclass
+class _Overridden:
+    """One batch's decisions, as deploy.generate_gated asks for them: the rule's, except where a
+    question names its own budget (a row without a clip stays at 0)."""
+
+    rule: _Decider
+    overrides: list[Optional[int]]
+
+    def decide(self, features: torch.Tensor, has_clip: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
+        budgets = self.rule.decide(features, has_clip, threshold).clone().long()
         for row, override in enumerate(self.overrides):
             if override is not None:
                 budgets[row] = override if bool(has_clip[row]) else 0
@@ -183,22 +194,16 @@ class SAFE:
                    for r, (image, _) in zip(requests, prepared)]
         waves = [clip for _, clip in prepared]
         limit = max_new_tokens or self.batcher.max_new_tokens or DEFAULT_ANSWER_TOKENS
-        self.decider.overrides = [r.budget for r in requests]
-        try:
-            new_ids, budgets, state = generate_gated(self.model, self.decider, self.batcher, queries, waves, limit,
-                                                     **generate_kwargs)
-        finally:
-            self.decider.overrides = []
+        decider = self.decider.with_overrides([r.budget for r in requests])
+        new_ids, budgets, state = generate_gated(self.model, decider, self.batcher, queries, waves, limit,
+                                                 **generate_kwargs)
         texts = self.batcher.decode(new_ids)
         seconds = time.perf_counter() - started
-        end_ids = set(self.batcher.end_ids)
         answers = []
-        for row, text in enumerate(texts):
-            tokens = new_ids[row].tolist()
-            cut = next((i for i, t in enumerate(tokens) if t in end_ids), None)
+        for row, (text, end) in enumerate(zip(texts, self.batcher.answer_ends(new_ids))):
             budget = int(budgets[row])
             answers.append(Answer(text=text, budget=budget, audio_used=budget > 0,
                                   prompt_tokens=int(state.text_length[row]),
-                                  completion_tokens=len(tokens) if cut is None else cut + 1,
-                                  finished=cut is not None, seconds=seconds, batch_size=len(requests)))
+                                  completion_tokens=new_ids.shape[1] if end is None else end + 1,
+                                  finished=end is not None, seconds=seconds, batch_size=len(requests)))
         return answers

@@ -29,9 +29,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .data.batches import DEFAULT_MAX_NEW_TOKENS, PromptBatcher, Query
+from .data.batches import PromptBatcher, Query
 from .rl.gate import AudioGate, GateError
-from .rl.state import BranchState, PolicyInputs, branch_layer, policy_inputs
+from .rl.state import BranchState, PolicyInputs, policy_inputs
 
 __all__ = ["AudioGate", "GateError", "PolicyInputs", "policy_inputs", "decide_budgets", "answer", "generate_gated"]
 
@@ -51,21 +51,16 @@ def generate_gated(model, gate: AudioGate, batcher: PromptBatcher, queries: Sequ
                    threshold: Optional[float] = None, **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor, PolicyInputs]:
     """Generation (greedy unless ``generate_kwargs`` say otherwise, e.g. ``do_sample=True``) with the
     gate deciding inside the prefill; returns (new token ids, budgets, the state the gate read)."""
-    if max_new_tokens is None:
-        max_new_tokens = batcher.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     batch = batcher.for_generation(queries)
-    reader = BranchState(model.base, branch_layer(model), batch, list(waves), model.audio_encoder.sample_rate)
+    reader = BranchState(model.base, model.branch_layer, batch, list(waves), model.audio_encoder.sample_rate)
     seen: dict[str, PolicyInputs] = {}
 
     def decide(hidden: torch.Tensor) -> torch.Tensor:
         seen["inputs"] = inputs = reader.read(hidden)
         return gate.decide(inputs.features, inputs.has_clip, threshold)
 
-    pad = batcher.tokenizer.pad_token_id
-    output, budgets = model.generate_gated(
-        **batch, decide=decide, audio=list(waves), **{
-            "max_new_tokens": max_new_tokens, "do_sample": False, "eos_token_id": batcher.end_ids,
-            "pad_token_id": batcher.end_ids[0] if pad is None else pad, **generate_kwargs})
+    output, budgets = model.generate_gated(**batch, decide=decide, audio=list(waves),
+                                           **{**batcher.greedy_settings(max_new_tokens), **generate_kwargs})
     return output[:, batch["input_ids"].shape[1]:], budgets, seen["inputs"]
 
 

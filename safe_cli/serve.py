@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import io
 import json
 import os
 import tempfile
@@ -109,8 +110,6 @@ def _image(url: Any, settings: ServeSettings, param: str):
         if ";base64" not in header or not header[5:].startswith("image/"):
             raise APIError(400, f"{param}: only base64 data:image/... URLs are read", param=param)
         data = _decode_base64(payload, param)
-        import io
-
         from PIL import Image, UnidentifiedImageError
 
         try:

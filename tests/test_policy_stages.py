@@ -288,12 +288,12 @@ def test_the_deployed_gate_decides_inside_the_answers_own_prefill(full_run):
     trained on (policy_inputs), and the layers up to the first fused one run once per decoding
     step: one prefill, no second forward to decide (the old path ran the whole base first)."""
     from safe_cli.deploy import answer, generate_gated
-    from safe_cli.rl.state import branch_layer, policy_inputs
+    from safe_cli.rl.state import policy_inputs
 
     model, gate, batcher, pool, chosen = _deployed(full_run)
     queries, waves = pool.queries(chosen, with_answers=False), pool.audio(chosen)
     trained_on = policy_inputs(model, batcher, queries, waves)
-    branch = branch_layer(model)
+    branch = model.branch_layer
     assert branch > 0  # the demo fuses layers 1 and 3: layer 0 is below the branch point
     states = {}
     for threshold in (1.01, 0.0):

@@ -146,12 +146,21 @@ class PromptBatcher:
                              "the answer's labels would be shifted")
         return len(encoded)
 
+    def answer_ends(self, token_ids: torch.Tensor) -> list[Optional[int]]:
+        """Each generated row's first end-of-answer position (None: cut at max_new_tokens)."""
+        ends = set(self.end_ids)
+        return [next((i for i, token in enumerate(row) if token in ends), None) for row in token_ids.tolist()]
+
+    def greedy_settings(self, max_new_tokens: Optional[int] = None) -> dict[str, Any]:
+        """``generate`` arguments for greedy answers: length, end-of-answer ids and padding."""
+        pad = self.tokenizer.pad_token_id
+        return {"max_new_tokens": max_new_tokens or self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                "do_sample": False, "eos_token_id": self.end_ids,
+                "pad_token_id": self.end_ids[0] if pad is None else pad}
+
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         """Each row's text up to its first end-of-answer id (BLIP-2's newline is no special token)."""
-        rows = []
-        for row in token_ids.tolist():
-            cut = next((i for i, token in enumerate(row) if token in self.end_ids), len(row))
-            rows.append(row[:cut])
+        rows = [row[:len(row) if end is None else end] for row, end in zip(token_ids.tolist(), self.answer_ends(token_ids))]
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
@@ -160,10 +169,6 @@ class PromptBatcher:
 def generate_answers(model, batcher: PromptBatcher, queries: Sequence[Query], max_new_tokens: Optional[int] = None,
                      **extra: Any) -> list[str]:
     """Greedy answers of ``model`` (a Hugging Face model with ``generate``) to ``queries``."""
-    if max_new_tokens is None:
-        max_new_tokens = batcher.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     batch = batcher.for_generation(queries)
-    pad = batcher.tokenizer.pad_token_id
-    output = model.generate(**batch, **extra, max_new_tokens=max_new_tokens, do_sample=False,
-                            eos_token_id=batcher.end_ids, pad_token_id=batcher.end_ids[0] if pad is None else pad)
+    output = model.generate(**batch, **extra, **batcher.greedy_settings(max_new_tokens))
     return batcher.decode(output[:, batch["input_ids"].shape[1]:])

@@ -96,20 +96,20 @@ def answer_at_every_budget(model, batcher, pool: RecordPool, budgets: Sequence[i
     relative = np.zeros((len(examples), len(budgets)))
     end_to_end = np.zeros((len(examples), len(budgets)))
     cap = batcher.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    # Each answer's decoding steps: its tokens and the end token, at most the cap (one tokenizer
+    # call per budget; rows without a clip share the budget-0 text, so the count is the same).
+    steps = {b: [min(cap, len(ids) + 1) for ids in
+                 batcher.tokenizer(answers[b], add_special_tokens=False)["input_ids"]] for b in budgets}
     for row in range(len(examples)):
         length, seconds = int(state.text_length[row]), float(state.clip_seconds[row])
         has_clip, has_image = bool(state.has_clip[row]), bool(state.has_image[row])
         if has_clip:
             relative[row] = [cost.audio.relative(b, length, seconds) for b in budgets]
         for column, budget in enumerate(budgets):
-            new_tokens = min(cap, answer_tokens(batcher, answers[budget][row]) + 1)  # + the end token
-            end_to_end[row, column] = cost.flops(budget if has_clip else 0, length, seconds, new_tokens, has_image)
+            end_to_end[row, column] = cost.flops(budget if has_clip else 0, length, seconds, steps[budget][row],
+                                                 has_image)
     return BudgetAnswers(examples, budgets, answers, correct, state, relative, [group_key(e) for e in examples],
                          end_to_end, cost)
-
-
-def answer_tokens(batcher, text: str) -> int:
-    return len(batcher.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def strategy_point(answers: BudgetAnswers, name: str, chosen: np.ndarray, decider=None, **extra: Any) -> dict[str, Any]:

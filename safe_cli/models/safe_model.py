@@ -131,6 +131,12 @@ class SAFEModel(nn.Module):
     def _token_mask(budgets: torch.Tensor, k_max: int) -> torch.Tensor:
         return torch.arange(k_max, device=budgets.device)[None, :] < budgets[:, None]
 
+    @property
+    def branch_layer(self) -> int:
+        """The first fused layer: up to its output every row is the base's own computation, so the
+        gate's state is read there and the forward branches into rows with and without audio."""
+        return min(self.fusion.layers)
+
     # ------------------------------------------------------------------ forward
 
     # What the fused layers do to one batch: None (no row takes audio: the base itself), or the rows
@@ -246,7 +252,7 @@ class SAFEModel(nn.Module):
         beam would run the prefill on expanded rows the decision is not made for.
         """
         batch = input_ids.shape[0]
-        branch = min(self.fusion.layers)
+        branch = self.branch_layer
         decided: dict[str, Any] = {}
 
         def plan_for(layer: int, hidden: torch.Tensor) -> "SAFEModel.FusionPlan":

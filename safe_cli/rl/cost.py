@@ -358,7 +358,7 @@ class ComputeEstimate:
                 "relative": self.relative()}
 
 
-def _encoder_cost_from_profile(cfg, base_seconds: float):
+def _encoder_cost_from_profile(cfg):
     """(clip seconds -> encoder FLOPs, clip seconds -> frames the projector pools), from the config:
     whisper from its dims, CLAP's tower counted by torch's counter on the meta device."""
     from ..models.audio_encoders import TRIM_STEP_POSITIONS, whisper_positions
@@ -374,20 +374,18 @@ def _encoder_cost_from_profile(cfg, base_seconds: float):
         parts.append(dims.flops)
         frames = dims.positions
     if cfg.kind in ("clap", "both"):
-        flops = meta_clap_flops(cfg.clap.name_or_path)
+        clap = meta_clap_encoder(cfg.clap.name_or_path)
+        flops = clap_flops(clap)
         parts.append(lambda seconds: flops)
-        if frames is None:
-            from ..models.memory import _clap_shape
-
-            steps = _clap_shape(cfg.clap.name_or_path)[1]
-            frames = lambda seconds: steps  # noqa: E731
+        if frames is None:  # CLAP alone: the tower's time steps, whatever the clip's length
+            frames = lambda seconds, steps=clap.frames: steps  # noqa: E731
     if not parts:
         raise ValueError(f"no cost formula for audio encoder kind {cfg.kind!r}")
     return (lambda seconds: sum(part(seconds) for part in parts)), frames
 
 
-def meta_clap_flops(name_or_path: str) -> float:
-    """FLOPs of one clip through CLAP's audio tower, built on the meta device from its config."""
+def meta_clap_encoder(name_or_path: str):
+    """SAFE's CLAP encoder around a ClapModel built on the meta device from its config (no weights)."""
     import torch
     from transformers import ClapFeatureExtractor, ClapModel
 
@@ -400,8 +398,7 @@ def meta_clap_flops(name_or_path: str) -> float:
               else _known(KNOWN_CLAP, name_or_path, key))
     with torch.device("meta"):
         model = ClapModel(config)
-    extractor = ClapFeatureExtractor()  # the 48 kHz, 10 s, 64-bin defaults every released CLAP uses
-    return clap_flops(ClapEncoder(model, extractor))
+    return ClapEncoder(model, ClapFeatureExtractor())  # the 48 kHz, 10 s, 64-bin defaults every released CLAP uses
 
 
 def estimate_compute(profile, audio_usage: float, text_tokens: int, new_tokens: int,
@@ -413,15 +410,13 @@ def estimate_compute(profile, audio_usage: float, text_tokens: int, new_tokens: 
     from torch import nn
 
     from ..models.builder import build_trainable
-    from ..models.memory import meta_base
+    from ..models.memory import encoder_shape, meta_base
     from .state import state_dim
 
     base = meta_base(profile.base)
     llm = llm_dims(base)
     image = image_flops(base)
-    encoder_flops, frames = _encoder_cost_from_profile(profile.audio_encoder, clip_seconds)
-    from ..models.memory import encoder_shape
-
+    encoder_flops, frames = _encoder_cost_from_profile(profile.audio_encoder)
     feature_dim = encoder_shape(profile.audio_encoder, profile.data.max_audio_seconds).feature_dim
     with torch.device("meta"):
         projector, fusion = build_trainable(profile, base, feature_dim)

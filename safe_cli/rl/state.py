@@ -141,11 +141,6 @@ class _BranchReached(Exception):
     """Raised by the branch layer's hook to stop a state-only forward there."""
 
 
-def branch_layer(model) -> int:
-    """The layer whose output is the state: the first fused layer of a ``SAFEModel``."""
-    return min(model.fusion.layers)
-
-
 def base_inputs(base, batch: dict) -> dict:
     """The prompt batch with generation's position ids (OPT counts them from the mask itself)."""
     batch = dict(batch)
@@ -159,7 +154,7 @@ def policy_inputs(model, batcher, queries, waves: Sequence[Optional[np.ndarray]]
     """The state of each prompt: the base runs up to the branch point and stops; no audio encoder."""
     base = model.base
     batch = batcher.for_generation(queries)
-    reader = BranchState(base, branch_layer(model), batch, waves, model.audio_encoder.sample_rate)
+    reader = BranchState(base, model.branch_layer, batch, waves, model.audio_encoder.sample_rate)
     captured = {}
 
     def read_and_stop(module, args, output):
