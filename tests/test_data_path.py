@@ -117,12 +117,16 @@ def test_plain_vl_records_get_a_distractor_clip_drawn_per_step(cache, export, tm
     trainer = StageATrainer(manifest_profile(export, plain), variant="soft_retention", seed=0, run_dir=tmp_path / "p")
     trainer.build()
     steps = trainer.step_batches()
-    first, again = steps[1], steps[1]
-    retention = first["retention"]
-    assert retention is not None and len(retention["audio"]) == retention["rows"]
-    assert all(wave is not None for wave in retention["audio"])
-    assert all(np.array_equal(a, b) for a, b in zip(retention["audio"], again["retention"]["audio"]))
-    assert not all(np.array_equal(a, b) for a, b in zip(retention["audio"], steps[2]["retention"]["audio"]))
+
+    def clips(step: int) -> list:
+        batches = steps[step]["retention"]
+        assert batches and all(len(batch["audio"]) == batch["rows"] for batch in batches)
+        return [wave for batch in batches for wave in batch["audio"]]
+
+    first, again = clips(1), clips(1)
+    assert all(wave is not None for wave in first)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, clips(2)))
 
 
 # --------------------------------------------------------------------------- retention wiring

@@ -389,7 +389,15 @@ class StageAConfig(Section):
         "distractor 2-5 points closer to the base than every second step)."
     )
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint interval in steps (and at the end).")
+    keep_last: Optional[int] = Field(
+        3, ge=1, description="Checkpoints kept: older ones are deleted once a newer one is complete (null keeps "
+        "all)."
+    )
     log_every: int = Field(10, ge=1, description="Metrics interval in steps.")
+    group_by_modality_length: bool = Field(
+        True, description="Batch each step's rows by image / no image and text length (the same rows, less "
+        "padding: LLaVA's group_by_modality_length). false: micro-batches in draw order."
+    )
 
 
 class StageBConfig(Section):

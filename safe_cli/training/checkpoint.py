@@ -71,6 +71,20 @@ def save_checkpoint(
     return final
 
 
+def prune_checkpoints(stage_dir: Path, keep_last: Optional[int]) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; returns what was deleted.
+
+    Called after a save completed, so the newest is whole before an older one goes; a crash
+    in between leaves one checkpoint too many, never one too few. None keeps everything.
+    """
+    if keep_last is None:
+        return []
+    old = list_checkpoints(stage_dir)[:-keep_last]
+    for checkpoint in old:
+        shutil.rmtree(checkpoint.path, ignore_errors=True)
+    return [checkpoint.path for checkpoint in old]
+
+
 def _fsync_dir(path: Path) -> None:
     for child in path.iterdir():
         with open(child, "rb") as handle:

@@ -55,12 +55,12 @@ from ..models.builder import apply_precision, build_trainable, resolve_device
 from ..models.safe_model import SAFEModel
 from ..progress import progress_bar
 from . import run_dir as layout
-from .batches import row_exact_match, sampling_weights, training_batch
+from .batches import answer_positions, rows_exact, sampling_weights, training_batch
 from .step_data import StepBatches, StepPlan, drop, step_loader, to_device
-from .checkpoint import check_fingerprint, latest_checkpoint, load_weights_into, save_checkpoint
+from .checkpoint import check_fingerprint, latest_checkpoint, load_weights_into, prune_checkpoints, save_checkpoint
 from .distributed import Distributed, from_environment, rank_device
 from .lifecycle import StopSignals, open_stage_dir, peak_memory_mb, prepare_stage_dir, save_weights
-from .retention import FisherPenalty, NullSpaceProjector, distillation_kl, protected_linears
+from .retention import FisherPenalty, NullSpaceProjector, distillation_kl_at, protected_linears
 from .schedule import warmup_cosine
 
 ALIGNMENT_KINDS = ("audio", "av")
@@ -97,24 +97,23 @@ class StageAResult:
         }
 
 
-def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor, distributed: Distributed) -> torch.Tensor:
-    """Cross-entropy summed over this rank's answer tokens / the global token count x world.
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """Cross-entropy summed over the answer tokens, divided by ``normalizer``.
 
-    One process: the mean over the batch's answer tokens (the Hugging Face loss). Several: the
-    ranks' mean gradient is the gradient of the global batch's token mean.
+    ``logits`` (B, P, V) are the base's at ``answer_positions`` only (``logits_to_keep``), so the
+    float32 upcast is of P positions, not of every position's full-vocabulary logits. The step
+    passes its global answer-token count over the world size: summed over micro-batches and
+    averaged over ranks, the gradient is the step's token mean on its global batch.
     """
-    shifted = logits[:, :-1].float()
-    target = labels[:, 1:]
-    total = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=-100,
-                            reduction="sum")
-    tokens = distributed.sum(float((target != -100).sum()))
-    return total * distributed.world / max(tokens, 1.0)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum") / max(normalizer, 1e-9)
 
 
-def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of rows whose every answer token is the argmax (teacher-forced exact match)."""
-    scored = (labels[:, 1:] != -100).any(1)
-    return float(row_exact_match(logits, labels).float().sum() / scored.float().sum().clamp(min=1))
+# Keys of a prepared batch that are not the model's inputs.
+BATCH_EXTRAS = ("rows", "labels", "answer_index", "answer_targets", "answer_tokens")
+# Every training forward: no KV cache (transformers builds one by default and concatenates into
+# it at every layer; training never decodes from it).
+TRAINING_FORWARD = {"use_cache": False}
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -220,6 +219,7 @@ class StageATrainer:
             meta = {"base_fingerprint": self.base_fingerprint, "variant": self.variant_name, "seed": self.seed,
                     "profile": self.profile.name, "stage": "a", "world_size": self.dist.world}
             path = save_checkpoint(self.stage_dir, step, weights, state, meta)
+            prune_checkpoints(self.stage_dir, self.cfg.keep_last)
         self.dist.barrier()
         return path
 
@@ -247,27 +247,31 @@ class StageATrainer:
     def step_batches(self) -> StepBatches:
         cfg, weights = self.cfg, self.profile.data.task_weights
         plan = StepPlan(self.seed, cfg.batch_size, self.dist.world, self.dist.rank, cfg.grad_accum,
-                        cfg.retention_every, self.uses_retention_batches, tuple(self.positive_budgets))
+                        cfg.retention_every, self.uses_retention_batches, tuple(self.positive_budgets),
+                        cfg.group_by_modality_length)
         return StepBatches(self.batcher, self.alignment, self.retention_pool if len(self.retention_pool) else None,
                            plan, sampling_weights(self.alignment_records, weights),
                            sampling_weights(self.retention_records, weights))
 
-    def _retention_loss(self, batch: dict) -> tuple[torch.Tensor, float]:
+    def _retention_kl(self, batch: dict, normalizer: float) -> torch.Tensor:
+        """KL to the base on one retention batch; the student's forward feeds the null space."""
         batch = to_device(batch, self.device)
-        rows = batch.pop("rows")
-        labels = batch.pop("labels")
-        audio = {key: batch.pop(key) for key in AUDIO_INPUTS if key in batch}
-        budget = batch.pop("token_budget")
-        with torch.no_grad():
-            teacher = self.model.base(**batch).logits  # the base itself: same tokens, no audio
-        collect = (self.null_space.collecting(rows, batch["attention_mask"]) if self.null_space is not None
+        rows, index, targets = batch["rows"], batch["answer_index"], batch["answer_targets"]
+        inputs = drop(batch, BATCH_EXTRAS + AUDIO_INPUTS + ("token_budget",))
+        audio = {key: batch[key] for key in AUDIO_INPUTS if key in batch}
+        teacher = None
+        if self.kl_weight > 0:
+            with torch.no_grad():  # the base itself: same tokens, no audio
+                teacher = self.model.base(**inputs, **TRAINING_FORWARD, logits_to_keep=index).logits
+        collect = (self.null_space.collecting(rows, inputs["attention_mask"]) if self.null_space is not None
                    else contextlib.nullcontext())
-        with collect:  # the null space learns its protected inputs from the student's own forward
-            student = self.model(**batch, token_budget=budget, **audio).logits
-        # Normalised by the global answer-token count (per rank: / (count / world)), as the answer loss.
-        positions = self.dist.sum(float((labels[:, 1:] != -100).sum())) / self.dist.world
-        kl = distillation_kl(student, teacher, labels, self.profile.retention.temperature, normalizer=positions)
-        return kl, self.dist.mean(float(kl.detach()))
+        # Without a KL term the student's forward only shows the null space its inputs: no graph.
+        with collect, (contextlib.nullcontext() if teacher is not None else torch.no_grad()):
+            student = self.model(**inputs, token_budget=batch["token_budget"], **audio, **TRAINING_FORWARD,
+                                 logits_to_keep=index).logits
+        if teacher is None:
+            return None
+        return distillation_kl_at(student, teacher, targets, self.profile.retention.temperature, normalizer)
 
     def _estimate_fisher(self) -> int:
         """EWC's Fisher on retention examples, at the starting point (which equals the base)."""
@@ -279,60 +283,75 @@ class StageATrainer:
                 chosen = with_distractors([self.retention_pool.examples[index]], self.retention_pool.distractors,
                                           np.random.default_rng([self.seed, 2**31 - 1, index]))
                 batch = training_batch(self.batcher, self.retention_pool, chosen, [self.max_budget])
-                return self.model(**batch).loss
+                positions, targets = answer_positions(batch.pop("labels"))
+                logits = self.model(**to_device(batch, self.device), **TRAINING_FORWARD,
+                                    logits_to_keep=positions.to(self.device)).logits
+                targets = targets.to(self.device)
+                return answer_loss(logits, targets, float((targets != -100).sum()))  # the token mean
 
             return loss
 
         return self.fisher.estimate(example_loss(int(i)) for i in picks)
 
     def _step(self, step: int, inputs: dict) -> dict[str, float]:
+        """One optimizer step: a backward per micro-batch, then the retention batches', then the update.
+
+        Device syncs: one all-reduce of the step's two answer-token counts (host numbers from the
+        loader), then one transfer of every metric and the gradient norm together, which decides
+        whether the step is applied. Gradients are averaged before the norm, so a non-finite
+        value on any rank gives every rank the same non-finite norm and the same decision.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        finite = True
-        audio_losses, accuracy = [], []
+        micro = [batch for batch in inputs["micro"] if batch is not None]  # None: every row failed to decode
+        retention = [batch for batch in (inputs["retention"] or []) if batch is not None]
+        world = self.dist.world
+        counts = torch.tensor([sum(b["answer_tokens"] for b in micro), sum(b["answer_tokens"] for b in retention)],
+                              dtype=torch.float64)
+        alignment_tokens, retention_tokens = (self.dist.sum_tensor(counts) if self.dist.enabled else counts).tolist()
+        zero = torch.zeros((), device=self.device)
+        audio_loss, correct, scored = zero.clone(), zero.clone(), zero.clone()
         # One backward per micro-batch: its graph (the base's activations after the first fused
         # layer) is freed before the next forward, so grad_accum saves memory.
-        for micro_batch in inputs["micro"]:
-            if micro_batch is None:  # every row of it failed to decode (counted by the caller)
-                continue
-            batch = drop(to_device(micro_batch, self.device), ("rows",))
-            labels = batch.pop("labels")
-            logits = self.model(**batch).logits
-            micro = answer_token_loss(logits, labels, self.dist) / self.cfg.grad_accum
-            accuracy.append(answer_accuracy(logits.detach(), labels))
-            audio_losses.append(float(micro.detach()))
-            if math.isfinite(audio_losses[-1]):
-                micro.backward()
-            else:
-                finite = False
-            del logits, micro
-        total = sum(audio_losses)
-        record = {"audio_loss": self.dist.mean(total),
-                  "audio_acc": self.dist.mean(float(np.mean(accuracy)) if accuracy else 0.0)}
-        extra: Optional[torch.Tensor] = None
-        if inputs["retention"] is not None:
-            kl, kl_value = self._retention_loss(inputs["retention"])
-            record["kl"] = kl_value
-            if self.kl_weight > 0:
-                extra = self.kl_weight * kl
+        for batch in micro:
+            batch = to_device(batch, self.device)
+            targets = batch["answer_targets"]
+            logits = self.model(**drop(batch, BATCH_EXTRAS), **TRAINING_FORWARD,
+                                logits_to_keep=batch["answer_index"]).logits
+            loss = answer_loss(logits, targets, alignment_tokens / world)
+            loss.backward()
+            audio_loss += loss.detach()
+            correct += rows_exact(logits.detach(), targets).sum()
+            scored += (targets != -100).any(1).sum()
+            del logits, loss
+        kl = None
+        for batch in retention:
+            part = self._retention_kl(batch, retention_tokens / world)
+            if part is not None:
+                (self.kl_weight * part).backward()
+                kl = part.detach() if kl is None else kl + part.detach()
+        fisher = None
         if self.fisher is not None:
             penalty = self.fisher.penalty()
-            record["fisher"] = float(penalty.detach())
-            extra = self.fisher_weight * penalty if extra is None else extra + self.fisher_weight * penalty
-        if extra is not None:
-            value = float(extra.detach())
-            total += value
-            if math.isfinite(value):
-                extra.backward()
-            else:
-                finite = False
-        record["loss"] = self.dist.mean(total)
+            (self.fisher_weight * penalty).backward()
+            fisher = penalty.detach()
 
-        finite = not self.dist.any(not finite)  # every rank skips the step, or none does
-        if finite:
-            self.dist.average_gradients(self.trainable.values())
-            norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.cfg.grad_clip)
-            finite = bool(torch.isfinite(norm))
-            record["grad_norm"] = float(norm)
+        self.dist.average_gradients(self.trainable.values())
+        norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.cfg.grad_clip)
+        # Per-rank values, summed over ranks in one all-reduce, read back in one transfer.
+        names = ["audio_loss", "correct", "scored", "kl", "fisher"]
+        values = torch.stack([audio_loss, correct, scored, zero if kl is None else kl.float(),
+                              zero if fisher is None else fisher.float()])
+        summed = dict(zip(names, (self.dist.sum_tensor(values) if self.dist.enabled else values).tolist()))
+        norm_value = float(norm)  # the same on every rank: the gradients were averaged
+        mean = {name: summed[name] / world for name in ("audio_loss", "kl", "fisher")}
+        total = mean["audio_loss"] + self.kl_weight * mean["kl"] + self.fisher_weight * mean["fisher"]
+        finite = math.isfinite(total) and math.isfinite(norm_value)
+        record = {"audio_loss": mean["audio_loss"], "audio_acc": summed["correct"] / max(summed["scored"], 1.0),
+                  "loss": total, "grad_norm": norm_value}
+        if kl is not None:
+            record["kl"] = mean["kl"]
+        if fisher is not None:
+            record["fisher"] = mean["fisher"]
         if finite:
             before = self.null_space.snapshot() if self.null_space is not None else {}
             self.optimizer.step()
@@ -380,7 +399,8 @@ class StageATrainer:
         workers = self.profile.data.loader_workers
         if workers is None:
             workers = 2 if self.device.type == "cuda" else 0
-        loader = step_loader(self.step_batches(), start + 1, self.cfg.steps, workers)
+        loader = step_loader(self.step_batches(), start + 1, self.cfg.steps, workers,
+                             pin_memory=self.device.type == "cuda")
         bad_records: dict[str, str] = {}
         with StopSignals() as interrupt, bar as advance:
             began = time.perf_counter()

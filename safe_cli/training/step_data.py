@@ -2,12 +2,23 @@
 
 A step's batch depends only on (seed, step): the records are drawn from a generator seeded by
 both, with replacement, then a random positive budget per row, in the same order on every
-rank (each rank keeps its slice). So the data position of a checkpoint is its step number,
-and a resumed run sees exactly the batches the uninterrupted one saw, with or without workers.
+rank. So the data position of a checkpoint is its step number, and a resumed run sees exactly
+the batches the uninterrupted one saw, with or without workers.
 
-Workers read the records (by byte offset), decode the images and clips, and run the base's
-processor; the training process only moves tensors to the device. A record whose image or
-clip does not decode is dropped from its batch and reported with the batch, never raised.
+Grouping by modality and length (``group_by_modality_length``, as LLaVA's trainer does): a row
+with an image is ~600 tokens at LLaVA-1.5's shape, an audio-only question ~18, so a batch mixing
+them is mostly padding. The step's rows (every micro-batch of every rank) are sorted by (image,
+text length) before they are cut into micro-batches, and a micro-batch that still mixes rows
+with and without an image is split in two. Which rows a step trains on does not change, only
+how they are batched: the loss is normalised by the step's answer-token count (stage_a.py), so
+the update is the same up to rounding. Rank r takes every world-th row of each micro-batch's
+global rows, so ranks get rows of the same lengths and none waits on another's padding. The
+sort is a function of the drawn rows alone, so grouping keeps the exact resume.
+
+Workers read the records (by byte offset), decode the images and clips, run the base's
+processor and find the answer positions; the training process only moves tensors to the
+device. A record whose image or clip does not decode is dropped from its batch and reported
+with the batch, never raised.
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.batches import PromptBatcher
 from ..data.dataset import RecordPool, with_distractors
-from .batches import draw_budgets, draw_rows, training_batch
+from ..data.manifest import Record
+from .batches import answer_positions, draw_budgets, draw_rows, modality_length_key, training_batch
 
 
 @dataclass(frozen=True)
@@ -36,11 +48,17 @@ class StepPlan:
     retention_every: int
     uses_retention: bool
     positive_budgets: tuple[int, ...]
+    group_by_modality_length: bool = True
 
 
 class StepBatches(Dataset):
-    """``dataset[step]``: {"micro": [batch or None] * grad_accum, "retention": batch or None,
-    "bad": [(record id, reason)], "rows": rows drawn on this rank}."""
+    """``dataset[step]``: {"micro": [batch or None], "retention": [batch or None] or None,
+    "bad": [(record id, reason)], "rows": rows drawn on this rank}.
+
+    Each batch carries ``answer_index`` / ``answer_targets`` (``answer_positions``) and
+    ``answer_tokens``, its count of labelled tokens (a host number: the step's normaliser is
+    summed without a device sync).
+    """
 
     def __init__(self, batcher: PromptBatcher, alignment: RecordPool, retention: Optional[RecordPool],
                  plan: StepPlan, alignment_weights: Optional[np.ndarray] = None,
@@ -53,27 +71,42 @@ class StepBatches(Dataset):
     def __len__(self) -> int:  # steps are indexed from 1; the sampler says which
         return 2**62
 
-    def _pick(self, pool: RecordPool, weights, rng: np.random.Generator, distractors: Optional[np.random.Generator] = None):
+    def _draw(self, pool: RecordPool, weights, rng: np.random.Generator, batches: int,
+              distractors: Optional[np.random.Generator] = None) -> list[list[tuple[Record, int]]]:
+        """``batches`` global batches of (record, budget) drawn for the step, grouped when asked."""
         plan = self.plan
         total = plan.batch_size * plan.world
-        chosen = draw_rows(rng, pool.examples, total, weights)
+        chosen = draw_rows(rng, pool.examples, total * batches, weights)
         if distractors is not None:
             # Records without a clip of their own get one from the training audio, from their own
             # stream, so a corpus whose records all carry clips draws exactly as without this.
             chosen = with_distractors(chosen, pool.distractors, distractors)
-        budgets = draw_budgets(rng, plan.positive_budgets, chosen)
-        rows = slice(plan.rank * plan.batch_size, (plan.rank + 1) * plan.batch_size)
-        return chosen[rows], budgets[rows]
+        rows = list(zip(chosen, draw_budgets(rng, plan.positive_budgets, chosen)))
+        if plan.group_by_modality_length:
+            # Stable: equal keys keep their draw order, so the grouping is a function of the draw.
+            rows.sort(key=lambda row: modality_length_key(row[0]))
+        return [rows[i * total:(i + 1) * total] for i in range(batches)]
 
-    def _batch(self, pool: RecordPool, chosen, budgets, bad: list) -> Optional[dict]:
-        kept, broken = pool.usable(chosen)
+    def _mine(self, rows: list) -> list[list]:
+        """This rank's rows of one global batch, split where rows with an image meet rows without."""
+        plan = self.plan
+        if not plan.group_by_modality_length:
+            return [rows[plan.rank * plan.batch_size:(plan.rank + 1) * plan.batch_size]]
+        mine = rows[plan.rank::plan.world]
+        with_image = [row for row in mine if row[0].image is not None]
+        without = [row for row in mine if row[0].image is None]
+        return [part for part in (without, with_image) if part]
+
+    def _batch(self, pool: RecordPool, rows: list, bad: list) -> Optional[dict]:
+        kept, broken = pool.usable([record for record, _ in rows])
         bad += [(record.id, reason) for record, reason in broken]
         if not kept:
             return None
-        if broken:
-            keep = {id(r) for r in kept}
-            budgets = [b for r, b in zip(chosen, budgets) if id(r) in keep]
+        keep = {id(r) for r in kept}
+        budgets = [budget for record, budget in rows if id(record) in keep]
         batch = training_batch(self.batcher, pool, kept, budgets)
+        batch["answer_index"], batch["answer_targets"] = answer_positions(batch["labels"])
+        batch["answer_tokens"] = int((batch["answer_targets"] != -100).sum())
         batch["rows"] = len(kept)
         return batch
 
@@ -81,15 +114,14 @@ class StepBatches(Dataset):
         plan = self.plan
         rng = np.random.default_rng([plan.seed, step])
         bad: list = []
-        micro = []
-        for _ in range(plan.grad_accum):
-            chosen, budgets = self._pick(self.alignment, self.alignment_weights, rng)
-            micro.append(self._batch(self.alignment, chosen, budgets, bad))
+        micro = [self._batch(self.alignment, part, bad)
+                 for rows in self._draw(self.alignment, self.alignment_weights, rng, plan.grad_accum)
+                 for part in self._mine(rows)]
         retention = None
         if plan.uses_retention and self.retention is not None and step % plan.retention_every == 0:
-            chosen, budgets = self._pick(self.retention, self.retention_weights, rng,
-                                         distractors=np.random.default_rng([plan.seed, step, 1]))
-            retention = self._batch(self.retention, chosen, budgets, bad)
+            rows, = self._draw(self.retention, self.retention_weights, rng, 1,
+                               distractors=np.random.default_rng([plan.seed, step, 1]))
+            retention = [self._batch(self.retention, part, bad) for part in self._mine(rows)]
         return {"micro": micro, "retention": retention, "bad": bad,
                 "rows": plan.batch_size * (plan.grad_accum + (retention is not None))}
 
@@ -102,16 +134,25 @@ def _quiet_worker(_: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-def step_loader(dataset: StepBatches, first: int, last: int, workers: int) -> DataLoader:
-    """Yields ``dataset[step]`` for step = first..last, prepared ``workers`` processes ahead."""
+def step_loader(dataset: StepBatches, first: int, last: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    """Yields ``dataset[step]`` for step = first..last, prepared ``workers`` processes ahead.
+
+    ``pin_memory`` (for a CUDA device): batches land in page-locked memory, so ``to_device``'s
+    copies are asynchronous and overlap the previous step's kernels.
+    """
     return DataLoader(dataset, batch_size=None, sampler=range(first, last + 1), num_workers=workers,
-                      worker_init_fn=_quiet_worker if workers else None,
+                      worker_init_fn=_quiet_worker if workers else None, pin_memory=pin_memory,
                       prefetch_factor=2 if workers else None, persistent_workers=False)
 
 
+HOST_KEYS = ("token_budget",)  # read as Python numbers by the model: kept on the host
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors to ``device`` (waveform lists stay as they are: the encoder takes them)."""
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    """Tensors to ``device``, asynchronously from pinned memory (waveform lists stay as they are:
+    the encoder takes them; the budgets stay on the host)."""
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) and key not in HOST_KEYS else value
+            for key, value in batch.items()}
 
 
 def drop(batch: dict, keys: Sequence[str]) -> dict:
