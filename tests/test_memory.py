@@ -20,6 +20,9 @@ from safe_cli.config import load_profile
 from safe_cli.errors import SafeError
 from safe_cli.models import build_safe_model
 from safe_cli.rl.cost import estimate_compute
+from safe_cli.training.batches import answer_positions
+from safe_cli.training.stage_a import BATCH_EXTRAS, TRAINING_FORWARD, answer_loss
+from safe_cli.training.step_data import drop, to_device
 from safe_cli.models.memory import (
     FP32, base_shape, encoder_shape, estimate_memory, forward_activation_bytes, meta_base,
     saved_tensor_bytes,
@@ -119,6 +122,33 @@ ACTIVATION_CASES = {
 }
 
 
+def test_training_forwards_build_no_kv_cache(cache, tmp_path, monkeypatch):
+    """A Stage A step (alignment, teacher and student) never writes a KV cache: transformers
+    builds a DynamicCache by default and concatenates into it at every layer."""
+    from transformers import cache_utils
+
+    from safe_cli.training.stage_a import StageATrainer
+
+    trainer = StageATrainer(load_profile("demo", FAST), variant="soft_retention", seed=0, run_dir=tmp_path / "run")
+    trainer.build()
+    trainer.model.train()
+    updates = []
+    original = cache_utils.DynamicCache.update
+    monkeypatch.setattr(cache_utils.DynamicCache, "update",
+                        lambda self, *args, **kwargs: updates.append(1) or original(self, *args, **kwargs))
+    forwards = []
+    handle = trainer.model.base_model.register_forward_pre_hook(lambda m, a, k: forwards.append(1), with_kwargs=True)
+    inputs = trainer.step_batches()[1]
+    assert inputs["retention"], "the step has no retention batch: the teacher would not run"
+    trainer._step(1, inputs)
+    handle.remove()
+    assert len(forwards) >= 3 and not updates  # the alignment, teacher and student forwards ran
+    # The counter itself works: a plain forward of the base writes into its cache.
+    batch = drop(to_device(inputs["micro"][0], trainer.device), BATCH_EXTRAS + ("token_budget", "audio"))
+    trainer.model.base(**batch)
+    assert updates
+
+
 @pytest.mark.parametrize("kind, dtype, layers, ffn_width", ACTIVATION_CASES.values(), ids=ACTIVATION_CASES.keys())
 def test_activation_formula_matches_what_autograd_saves(kind, dtype, layers, ffn_width, tiny_checkpoints):
     """The formula against the bytes autograd holds for backward on a real forward (Llama-like
@@ -138,12 +168,20 @@ def test_activation_formula_matches_what_autograd_saves(kind, dtype, layers, ffn
     ids = torch.randint(3, 250, (rows, tokens))
     ids[:, 1: 1 + shape.num_image_tokens] = model.base.image_token_id
     side = model.base_model.config.vision_config.image_size
-    inputs = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids),
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]  # a 4-token answer: the LM head and the loss run on its 4 positions
+    index, targets = answer_positions(labels)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
                   pixel_values=torch.randn(rows, 3, side, side, dtype=getattr(torch, dtype)),
                   token_budget=torch.full((rows,), 12), audio_features=torch.randn(rows, encoder.frames, encoder.feature_dim))
-    output, measured = saved_tensor_bytes(lambda: model(**inputs), model)
+
+    def training_forward():  # as Stage A's: no KV cache, logits at the answer positions, the loss
+        output = model(**inputs, **TRAINING_FORWARD, logits_to_keep=index)
+        return output, answer_loss(output.logits, targets, 12.0)
+
+    (output, _), measured = saved_tensor_bytes(training_forward, model)
     parts = forward_activation_bytes(shape, dtype, profile.fusion.layers, rows, tokens, encoder, profile.projector, 12,
-                                     ffn_width=profile.fusion.ffn_width)
+                                     ffn_width=profile.fusion.ffn_width, answer_tokens=4)
     saved = sum(parts.values()) - parts["logits"]  # the returned logits are alive but not a saved tensor
     assert parts["logits"] == output.logits.numel() * output.logits.element_size()
     assert abs(saved - measured) / measured < 0.06, (saved, measured, parts)
@@ -163,7 +201,8 @@ def test_one_stage_a_step_matches_the_estimate(cache, tmp_path):
 
     def record(module, args, kwargs):
         if torch.is_grad_enabled():
-            forwards.append(tuple(kwargs["input_ids"].shape))
+            assert kwargs["use_cache"] is False
+            forwards.append((*kwargs["input_ids"].shape, kwargs["logits_to_keep"].shape[1]))
 
     handle = trainer.model.base_model.register_forward_pre_hook(record, with_kwargs=True)
     # Autograd packs tensors only in forwards (backward builds no graph): the step packs its
@@ -183,17 +222,21 @@ def test_one_stage_a_step_matches_the_estimate(cache, tmp_path):
     assert grads == rows["gradients"].bytes
     assert len(state) == len(trainer.trainable)  # every trainable tensor got a gradient and a state
 
-    # grad_accum micro-batches, then the retention batch, each backpropagated before the next
-    # forward: one batch's graph is held at a time.
-    assert [r for r, _ in forwards] == [profile.training.stage_a.batch_size] * 3
-    assert est.sequence["held_rows"] == profile.training.stage_a.batch_size
+    # grad_accum micro-batches (split where rows with an image meet rows without), then the
+    # retention batch (split the same way), each backpropagated before the next forward: one
+    # batch's graph is held at a time, never more rows than the estimate's.
+    size = profile.training.stage_a.batch_size
+    micro, retention = inputs["micro"], inputs["retention"]
+    assert [r for r, _, _ in forwards] == [b["rows"] for b in micro + retention]
+    assert sum(b["rows"] for b in micro) == 2 * size and sum(b["rows"] for b in retention) == size
+    assert est.sequence["held_rows"] == size >= max(r for r, _, _ in forwards)
     shape = base_shape(meta_base(profile.base))
     encoder = encoder_shape(profile.audio_encoder, profile.data.max_audio_seconds)
     formula = 0
-    for batch, tokens in forwards:
+    for batch, tokens, kept in forwards:
         parts = forward_activation_bytes(shape, profile.base.dtype, profile.fusion.layers, batch, tokens, encoder,
                                          profile.projector, profile.projector.num_tokens,
-                                         ffn_width=profile.fusion.ffn_width)
+                                         ffn_width=profile.fusion.ffn_width, answer_tokens=kept)
         formula += sum(parts.values()) - parts["logits"]
     assert abs(formula - measured) / measured < 0.10, (formula, measured, forwards)
 

@@ -55,6 +55,9 @@ FP32 = 4
 # LLaVA's "USER: <image>\n... ASSISTANT: answer</s>" template is ~20 tokens; 64 leaves room for
 # longer questions. `safe validate --estimate --text-tokens N` overrides it.
 DEFAULT_TEXT_TOKENS = 64
+# Labelled (answer) tokens a training row: the LM head and the loss run on these positions only.
+# AV-digits answers are 2-3 tokens and their end token; LLaVA-style conversations label more.
+DEFAULT_ANSWER_TOKENS = 8
 GENERATED_TOKENS = 16  # KV cache room for the answer at inference (SAFE generates 4-8 tokens)
 
 # --------------------------------------------------------------------------- published configs
@@ -137,6 +140,7 @@ class BaseShape:
     mlp_width: int
     vocab_size: int
     num_image_tokens: int
+    num_heads: int = 1
 
 
 def _count(module: torch.nn.Module, trainable: Optional[bool] = None) -> int:
@@ -206,7 +210,7 @@ def base_shape(base) -> BaseShape:
         hidden_size=base.hidden_size, q_width=base.num_attention_heads * base.head_dim,
         kv_width=base.num_key_value_heads * base.head_dim,
         mlp_width=text.ffn_dim if opt else text.intermediate_size, vocab_size=text.vocab_size,
-        num_image_tokens=base.num_image_tokens,
+        num_image_tokens=base.num_image_tokens, num_heads=base.num_attention_heads,
     )
 
 
@@ -326,8 +330,13 @@ FUSION_BLOCK_TENSORS = 6  # fp32 (B, L, H): norm input, norm output, q, SDPA out
 
 def forward_activation_bytes(base: BaseShape, dtype: str, fusion_layers: list[int], rows: int, tokens: int,
                              encoder: EncoderShape, projector_cfg, num_tokens: int,
-                             checkpointing: bool = False, ffn_width: int = 0) -> dict[str, int]:
-    """What one forward with gradients keeps until its backward, by part."""
+                             checkpointing: bool = False, ffn_width: int = 0,
+                             answer_tokens: int = DEFAULT_ANSWER_TOKENS) -> dict[str, int]:
+    """What one forward with gradients keeps until its backward, by part.
+
+    The LM head runs on the answer positions only (``logits_to_keep``, ``answer_tokens`` a row),
+    so logits and their log-softmax are (rows x answer_tokens x vocab), not every position's.
+    """
     p, n, h = DTYPE_BYTES[dtype], rows * tokens, base.hidden_size
     after = base.num_layers - 1 - min(fusion_layers)  # the fused layer's own hook runs after it
     layer = layer_activation_bytes(base, dtype, rows, tokens)
@@ -340,10 +349,13 @@ def forward_activation_bytes(base: BaseShape, dtype: str, fusion_layers: list[in
     projector = FP32 * rows * (2 * pooled * encoder.feature_dim + num_tokens * (4 * h + 2 * mlp))
     return {
         "decoder_layers": layers,
-        "fusion_blocks": len(fusion_layers) * FP32 * n * (FUSION_BLOCK_TENSORS * h + (3 * h + 2 * ffn_width if ffn_width else 0)),
+        # + the cross-attention's softmax over the clip's tokens and the null slot, per head (fp32).
+        "fusion_blocks": len(fusion_layers) * FP32 * n * (FUSION_BLOCK_TENSORS * h + (3 * h + 2 * ffn_width if ffn_width else 0)
+                                                          + base.num_heads * (num_tokens + 1)),
         "final_norm": (FP32 if base.family == "llama" else p) * n * h,
-        "log_softmax": n * base.vocab_size * FP32,  # the loss keeps it for backward
-        "logits": n * base.vocab_size * p,  # returned by the base (not a saved tensor, alive all the same)
+        "log_softmax": rows * answer_tokens * base.vocab_size * FP32,  # the loss keeps it for backward
+        # returned by the base (not a saved tensor, alive all the same)
+        "logits": rows * answer_tokens * base.vocab_size * p,
         "projector": projector,
     }
 
@@ -398,7 +410,7 @@ class MemoryEstimate:
 
 
 def estimate_memory(profile: Profile, variant: Optional[str] = None,
-                    text_tokens: int = DEFAULT_TEXT_TOKENS) -> MemoryEstimate:
+                    text_tokens: int = DEFAULT_TEXT_TOKENS, answer_tokens: int = DEFAULT_ANSWER_TOKENS) -> MemoryEstimate:
     """The whole estimate for one Stage A step and for inference; raises SafeError naming the key
     that cannot be estimated."""
     base_model = meta_base(profile.base)
@@ -414,6 +426,7 @@ def estimate_memory(profile: Profile, variant: Optional[str] = None,
 
     est = MemoryEstimate(profile.name, variant_name, {
         "image_tokens": base.num_image_tokens, "text_tokens": text_tokens, "tokens": tokens,
+        "answer_tokens": answer_tokens,
         "audio_frames": encoder.frames, "audio_tokens": k, "micro_batch": cfg.batch_size,
         "grad_accum": cfg.grad_accum, "eval_batch": profile.evaluation.batch_size,
     })
@@ -444,13 +457,14 @@ def estimate_memory(profile: Profile, variant: Optional[str] = None,
 
     def stored(checkpointing: bool) -> dict[str, int]:
         return forward_activation_bytes(base, dtype, fusion_layers, held_rows, tokens, encoder, profile.projector,
-                                        k, checkpointing, profile.fusion.ffn_width)
+                                        k, checkpointing, profile.fusion.ffn_width, answer_tokens)
 
     plain, ckpt = stored(False), stored(True)
     fisher = 2 * n_train * FP32 if retention.retention_loss_weight * retention.fisher_weight > 0 else 0
     # Backward starts with d(log_softmax) and d(logits) of one forward alive at once.
-    backward_logits = cfg.batch_size * tokens * base.vocab_size * (FP32 + p)
-    teacher = (cfg.batch_size * tokens * base.vocab_size * p) if uses_retention_batch else 0
+    backward_logits = cfg.batch_size * answer_tokens * base.vocab_size * (FP32 + p)
+    teacher = (cfg.batch_size * answer_tokens * base.vocab_size * p) if retention.retention_loss_weight * \
+        retention.distillation_weight > 0 else 0
     encoder_work = encoder_working_bytes(encoder, cfg.batch_size)
     rows_note = f"{held_rows} rows x {tokens} tokens held until backward"
     est.training = [
@@ -462,7 +476,7 @@ def estimate_memory(profile: Profile, variant: Optional[str] = None,
         Row("  of which decoder layers after the first fused one", plain["decoder_layers"], None, None,
             f"{base.num_layers - 1 - min(fusion_layers)} layers"),
         Row("  of which logits + log_softmax", plain["logits"] + plain["log_softmax"], None, None,
-            f"vocab {base.vocab_size}"),
+            f"{answer_tokens} answer positions a row x vocab {base.vocab_size}"),
         Row("activations with gradient checkpointing (not built yet)", sum(ckpt.values()), None, None,
             "layer inputs + one layer recomputed"),
         Row("backward: logit gradients of one micro-batch", backward_logits, None, None),
@@ -491,6 +505,8 @@ def estimate_memory(profile: Profile, variant: Optional[str] = None,
     est.assumptions = [
         f"sequence = {base.num_image_tokens} image tokens + {text_tokens} text tokens (every row has an image)",
         "fused SDPA attention (no L x L matrix kept); the math fallback adds B*heads*L^2*2p per layer",
+        f"the LM head and the loss run on {answer_tokens} answer positions a row (logits_to_keep); training "
+        "forwards build no KV cache (use_cache=False)",
         "the frozen base keeps nothing for backward before the first fused layer "
         f"(layer {min(fusion_layers)}); {base.num_layers - 1 - min(fusion_layers)} layers after it do",
         f"Stage A holds one batch of {cfg.batch_size} at a time (a backward per micro-batch"

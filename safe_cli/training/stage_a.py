@@ -58,7 +58,7 @@ from . import run_dir as layout
 from .batches import answer_positions, rows_exact, sampling_weights, training_batch
 from .step_data import StepBatches, StepPlan, drop, step_loader, to_device
 from .checkpoint import check_fingerprint, latest_checkpoint, load_weights_into, prune_checkpoints, save_checkpoint
-from .distributed import Distributed, from_environment, rank_device
+from .distributed import from_environment, rank_device
 from .lifecycle import StopSignals, open_stage_dir, peak_memory_mb, prepare_stage_dir, save_weights
 from .retention import FisherPenalty, NullSpaceProjector, distillation_kl_at, protected_linears
 from .schedule import warmup_cosine
@@ -114,6 +114,68 @@ BATCH_EXTRAS = ("rows", "labels", "answer_index", "answer_targets", "answer_toke
 # Every training forward: no KV cache (transformers builds one by default and concatenates into
 # it at every layer; training never decodes from it).
 TRAINING_FORWARD = {"use_cache": False}
+
+
+@dataclass
+class StepLosses:
+    """The device work of one Stage A step: forwards and backwards, no host sync.
+
+    ``backward`` accumulates the gradients of the step's micro-batches and retention batches
+    and returns per-rank sums as 0-d tensors (the trainer reads them back in one transfer).
+    Nothing here reads a tensor on the host, so it also runs on the meta device
+    (``bench/stage_a_step.py`` counts its FLOPs at LLaVA-7B's width that way).
+    """
+
+    model: SAFEModel
+    device: torch.device
+    kl_weight: float
+    temperature: float
+    null_space: Optional[NullSpaceProjector] = None
+
+    def backward(self, micro: list[dict], retention: list[dict], alignment_normalizer: float,
+                 retention_normalizer: float) -> dict[str, torch.Tensor]:
+        zero = torch.zeros((), device=self.device)
+        sums = {"audio_loss": zero.clone(), "correct": zero.clone(), "scored": zero.clone()}
+        # One backward per micro-batch: its graph (the base's activations after the first fused
+        # layer) is freed before the next forward, so grad_accum saves memory.
+        for batch in micro:
+            batch = to_device(batch, self.device)
+            targets = batch["answer_targets"]
+            logits = self.model(**drop(batch, BATCH_EXTRAS), **TRAINING_FORWARD,
+                                logits_to_keep=batch["answer_index"]).logits
+            loss = answer_loss(logits, targets, alignment_normalizer)
+            loss.backward()
+            sums["audio_loss"] += loss.detach()
+            sums["correct"] += rows_exact(logits.detach(), targets).sum()
+            sums["scored"] += (targets != -100).any(1).sum()
+            del logits, loss
+        for batch in retention:
+            kl = self.retention_kl(batch, retention_normalizer)
+            if kl is not None:
+                (self.kl_weight * kl).backward()
+                sums["kl"] = sums.get("kl", zero) + kl.detach()
+        return sums
+
+    def retention_kl(self, batch: dict, normalizer: float) -> Optional[torch.Tensor]:
+        """KL to the base on one retention batch (None without a KL term); the student's forward
+        shows the null space its protected inputs."""
+        batch = to_device(batch, self.device)
+        rows, index, targets = batch["rows"], batch["answer_index"], batch["answer_targets"]
+        inputs = drop(batch, BATCH_EXTRAS + AUDIO_INPUTS + ("token_budget",))
+        audio = {key: batch[key] for key in AUDIO_INPUTS if key in batch}
+        teacher = None
+        if self.kl_weight > 0:
+            with torch.no_grad():  # the base itself: same tokens, no audio
+                teacher = self.model.base(**inputs, **TRAINING_FORWARD, logits_to_keep=index).logits
+        collect = (self.null_space.collecting(rows, inputs["attention_mask"]) if self.null_space is not None
+                   else contextlib.nullcontext())
+        # Without a KL term the student's forward only shows the null space its inputs: no graph.
+        with collect, (contextlib.nullcontext() if teacher is not None else torch.no_grad()):
+            student = self.model(**inputs, token_budget=batch["token_budget"], **audio, **TRAINING_FORWARD,
+                                 logits_to_keep=index).logits
+        if teacher is None:
+            return None
+        return distillation_kl_at(student, teacher, targets, self.temperature, normalizer)
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -193,6 +255,8 @@ class StageATrainer:
                 gather=self.dist.gather if self.dist.enabled else None, world_rank=self.dist.rank,
             )
         self.uses_retention_batches = self.kl_weight > 0 or self.null_space is not None
+        self.losses = StepLosses(self.model, self.device, self.kl_weight, profile.retention.temperature,
+                                 self.null_space)
 
     # ------------------------------------------------------------------ state
 
@@ -253,26 +317,6 @@ class StageATrainer:
                            plan, sampling_weights(self.alignment_records, weights),
                            sampling_weights(self.retention_records, weights))
 
-    def _retention_kl(self, batch: dict, normalizer: float) -> torch.Tensor:
-        """KL to the base on one retention batch; the student's forward feeds the null space."""
-        batch = to_device(batch, self.device)
-        rows, index, targets = batch["rows"], batch["answer_index"], batch["answer_targets"]
-        inputs = drop(batch, BATCH_EXTRAS + AUDIO_INPUTS + ("token_budget",))
-        audio = {key: batch[key] for key in AUDIO_INPUTS if key in batch}
-        teacher = None
-        if self.kl_weight > 0:
-            with torch.no_grad():  # the base itself: same tokens, no audio
-                teacher = self.model.base(**inputs, **TRAINING_FORWARD, logits_to_keep=index).logits
-        collect = (self.null_space.collecting(rows, inputs["attention_mask"]) if self.null_space is not None
-                   else contextlib.nullcontext())
-        # Without a KL term the student's forward only shows the null space its inputs: no graph.
-        with collect, (contextlib.nullcontext() if teacher is not None else torch.no_grad()):
-            student = self.model(**inputs, token_budget=batch["token_budget"], **audio, **TRAINING_FORWARD,
-                                 logits_to_keep=index).logits
-        if teacher is None:
-            return None
-        return distillation_kl_at(student, teacher, targets, self.profile.retention.temperature, normalizer)
-
     def _estimate_fisher(self) -> int:
         """EWC's Fisher on retention examples, at the starting point (which equals the base)."""
         rng = np.random.default_rng([self.seed, 2**31 - 1])  # its own stream: never shifts the batches
@@ -308,50 +352,28 @@ class StageATrainer:
         counts = torch.tensor([sum(b["answer_tokens"] for b in micro), sum(b["answer_tokens"] for b in retention)],
                               dtype=torch.float64)
         alignment_tokens, retention_tokens = (self.dist.sum_tensor(counts) if self.dist.enabled else counts).tolist()
-        zero = torch.zeros((), device=self.device)
-        audio_loss, correct, scored = zero.clone(), zero.clone(), zero.clone()
-        # One backward per micro-batch: its graph (the base's activations after the first fused
-        # layer) is freed before the next forward, so grad_accum saves memory.
-        for batch in micro:
-            batch = to_device(batch, self.device)
-            targets = batch["answer_targets"]
-            logits = self.model(**drop(batch, BATCH_EXTRAS), **TRAINING_FORWARD,
-                                logits_to_keep=batch["answer_index"]).logits
-            loss = answer_loss(logits, targets, alignment_tokens / world)
-            loss.backward()
-            audio_loss += loss.detach()
-            correct += rows_exact(logits.detach(), targets).sum()
-            scored += (targets != -100).any(1).sum()
-            del logits, loss
-        kl = None
-        for batch in retention:
-            part = self._retention_kl(batch, retention_tokens / world)
-            if part is not None:
-                (self.kl_weight * part).backward()
-                kl = part.detach() if kl is None else kl + part.detach()
-        fisher = None
+        sums = self.losses.backward(micro, retention, alignment_tokens / world, retention_tokens / world)
+        if inputs["retention"] is not None and self.kl_weight > 0:
+            # Every rank sends the same metrics, also one whose retention rows all failed to decode.
+            sums.setdefault("kl", torch.zeros((), device=self.device))
         if self.fisher is not None:
             penalty = self.fisher.penalty()
             (self.fisher_weight * penalty).backward()
-            fisher = penalty.detach()
+            sums["fisher"] = penalty.detach()
 
         self.dist.average_gradients(self.trainable.values())
         norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.cfg.grad_clip)
         # Per-rank values, summed over ranks in one all-reduce, read back in one transfer.
-        names = ["audio_loss", "correct", "scored", "kl", "fisher"]
-        values = torch.stack([audio_loss, correct, scored, zero if kl is None else kl.float(),
-                              zero if fisher is None else fisher.float()])
-        summed = dict(zip(names, (self.dist.sum_tensor(values) if self.dist.enabled else values).tolist()))
-        norm_value = float(norm)  # the same on every rank: the gradients were averaged
-        mean = {name: summed[name] / world for name in ("audio_loss", "kl", "fisher")}
-        total = mean["audio_loss"] + self.kl_weight * mean["kl"] + self.fisher_weight * mean["fisher"]
-        finite = math.isfinite(total) and math.isfinite(norm_value)
-        record = {"audio_loss": mean["audio_loss"], "audio_acc": summed["correct"] / max(summed["scored"], 1.0),
-                  "loss": total, "grad_norm": norm_value}
-        if kl is not None:
-            record["kl"] = mean["kl"]
-        if fisher is not None:
-            record["fisher"] = mean["fisher"]
+        names = list(sums) + ["grad_norm"]
+        values = torch.stack([sums[name].float() for name in sums] + [norm.float()])
+        if self.dist.enabled:  # the norm is the same on every rank (averaged gradients): summed, / world
+            values = self.dist.sum_tensor(values) / self.dist.world
+        read = dict(zip(names, values.tolist()))
+        mean = {name: read[name] for name in ("audio_loss", "kl", "fisher") if name in read}
+        total = mean["audio_loss"] + self.kl_weight * mean.get("kl", 0.0) + self.fisher_weight * mean.get("fisher", 0.0)
+        finite = math.isfinite(total) and math.isfinite(read["grad_norm"])
+        record = {**mean, "audio_acc": read["correct"] / max(read["scored"], 1e-9), "loss": total,
+                  "grad_norm": read["grad_norm"]}
         if finite:
             before = self.null_space.snapshot() if self.null_space is not None else {}
             self.optimizer.step()
