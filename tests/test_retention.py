@@ -19,6 +19,7 @@ from safe_cli.training.retention import (
     FisherPenalty,
     NullSpaceProjector,
     distillation_kl,
+    distillation_kl_at,
     protected_linears,
 )
 
@@ -550,3 +551,21 @@ def test_null_space_protects_a_layer_with_a_bias(kind):
         assert float((layer(x) - before_outputs).abs().max()) < 1e-5
         assert float((plain(x) - before_outputs).abs().max()) > 1e-3
         assert float((layer(other) - plain(other)).abs().max()) > 0  # projected, not identical
+
+
+def test_the_kl_at_answer_positions_equals_the_kl_over_full_logits():
+    """Stage A's KL on logits taken at the answer positions (logits_to_keep) is the full-logits KL."""
+    from safe_cli.training.batches import answer_positions
+
+    torch.manual_seed(6)
+    student, teacher = torch.randn(3, 9, 17), torch.randn(3, 9, 17)
+    labels = torch.full((3, 9), -100)
+    labels[0, 5:8] = 1
+    labels[1, 2] = 4
+    labels[2, 6:9] = 2
+    index, targets = answer_positions(labels)
+    pick = index[..., None].expand(-1, -1, 17)
+    for normalizer in (None, 3.0):
+        full = distillation_kl(student, teacher, labels, 2.0, normalizer=normalizer)
+        kept = distillation_kl_at(student.gather(1, pick), teacher.gather(1, pick), targets, 2.0, normalizer=normalizer)
+        torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-7)

@@ -59,9 +59,18 @@ def distillation_kl_at(student_logits: torch.Tensor, teacher_logits: torch.Tenso
                        temperature: float, normalizer: Optional[float] = None) -> torch.Tensor:
     """``distillation_kl`` on logits taken at the answer positions only: (B, P, V) each, as the
     base returns them with ``logits_to_keep=answer_index``; ``targets`` (B, P) is -100 where a row
-    has fewer than P answer tokens (those positions are left out)."""
-    scored = targets != IGNORE_INDEX
-    return _kl_mean(student_logits[scored], teacher_logits[scored], temperature, normalizer)
+    has fewer than P answer tokens (those positions are left out).
+
+    The padding positions are multiplied out rather than indexed away: a boolean index needs
+    the mask's values on the host (a device sync on a GPU), a product does not.
+    """
+    scored = (targets != IGNORE_INDEX).to(torch.float32)
+    student = F.log_softmax(student_logits.float() / temperature, -1)
+    teacher = F.log_softmax(teacher_logits.float().detach() / temperature, -1)
+    per_position = (teacher.exp() * (teacher - student)).sum(-1)  # KL(teacher || student) at each position
+    total = (per_position * scored).sum()
+    count = scored.sum() if normalizer is None else max(normalizer, 1.0)
+    return total / count * temperature**2
 
 
 def _kl_mean(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
