@@ -124,3 +124,81 @@ def test_keep_last_deletes_older_checkpoints_and_resume_takes_the_newest(cache, 
     assert kept == ["step-000003", "step-000004"]
     result = train_stage_a(profile, variant="no_retention", seed=0, run_dir=tmp_path / "run", resume=True)
     assert result.resumed_from == 4
+
+
+# --------------------------------------------------------------------------- the teacher cache
+
+
+def _retention_batch(trainer: StageATrainer) -> tuple[dict, dict, list[int], list[str]]:
+    from safe_cli.training.teacher_cache import row_keys
+
+    host = max(trainer.step_batches()[1]["retention"], key=lambda b: b["rows"])
+    assert host["rows"] >= 3
+    counts = (host["answer_targets"] != -100).sum(1).tolist()
+    keys = row_keys(host, trainer.model.base.image_token_id)
+    batch = to_device(host, trainer.device)
+    inputs = drop(batch, BATCH_EXTRAS + ("token_budget", "audio", "audio_features", "audio_frame_mask"))
+    return batch, inputs, counts, keys
+
+
+def test_cached_teacher_logits_equal_the_live_teachers_bit_for_bit(cache, tmp_path):
+    from safe_cli.training.teacher_cache import TeacherCache
+
+    trainer = _trainer(tmp_path)
+    batch, inputs, counts, keys = _retention_batch(trainer)
+    assert len(set(keys)) == len(keys)
+    with torch.no_grad():
+        live = trainer.model.base(**inputs, **TRAINING_FORWARD, logits_to_keep=batch["answer_index"]).logits
+    teacher = TeacherCache(trainer.base_fingerprint, root=tmp_path / "cache")
+    base = trainer.model.base
+    first = teacher.logits(base, inputs, batch["answer_index"], counts, keys, TRAINING_FORWARD)
+    assert (teacher.computed, teacher.hits) == (len(keys), 0)
+    again = teacher.logits(base, inputs, batch["answer_index"], counts, keys, TRAINING_FORWARD)
+    assert (teacher.computed, teacher.hits) == (len(keys), len(keys))  # the second time, nothing ran
+    for row, count in enumerate(counts):
+        assert torch.equal(first[row, :count], live[row, :count])
+        assert torch.equal(again[row, :count], live[row, :count])
+
+    # One entry gone, one truncated, one of another shape: those three rows are recomputed (as
+    # one batch of the missing rows) and rewritten; the others are read.
+    teacher.path(keys[0]).unlink()
+    teacher.path(keys[1]).write_bytes(teacher.path(keys[1]).read_bytes()[:40])
+    teacher.write(keys[2], torch.zeros(counts[2] + 1, live.shape[-1]))
+    mended = teacher.logits(base, inputs, batch["answer_index"], counts, keys, TRAINING_FORWARD)
+    assert teacher.computed == len(keys) + 3
+    for row, count in enumerate(counts):
+        torch.testing.assert_close(mended[row, :count], live[row, :count], rtol=1e-5, atol=1e-5)
+    assert all(teacher.read(k, c, live.shape[-1], live.dtype) is not None for k, c in zip(keys, counts))
+
+
+def test_the_teacher_key_is_what_the_teacher_reads(cache, tmp_path):
+    from safe_cli.training.teacher_cache import row_keys
+
+    trainer = _trainer(tmp_path)
+    host = trainer.step_batches()[1]["retention"]
+    image_id = trainer.model.base.image_token_id
+    with_image = next(b for b in host if "pixel_values" in b)
+    keys = row_keys(with_image, image_id)
+    changed = dict(with_image, pixel_values=with_image["pixel_values"].clone())
+    changed["pixel_values"][0, 0, 0, 0] += 1.0  # one pixel of the first row's image
+    after = row_keys(changed, image_id)
+    assert after[0] != keys[0] and after[1:] == keys[1:]
+    moved = dict(with_image, answer_index=with_image["answer_index"] + 1)  # other answer positions
+    assert all(a != b for a, b in zip(row_keys(moved, image_id), keys))
+
+
+def test_stage_a_with_the_teacher_cache_trains_as_with_the_live_teacher(cache, tmp_path):
+    import os
+
+    from safetensors.torch import load_file
+
+    runs = {}
+    for flag in ("true", "false"):
+        profile = load_profile("demo", STEP + [f"training.stage_a.cache_teacher={flag}"])
+        train_stage_a(profile, variant="soft_retention", seed=0, run_dir=tmp_path / flag)
+        runs[flag] = load_file(tmp_path / flag / "stage-a" / "trainable.safetensors")
+    stored = list((Path(os.environ["SAFE_CACHE_DIR"]) / "teacher").rglob("*.safetensors"))
+    assert stored, "the cached run wrote no teacher logits"
+    assert len(stored) < 4 * 6, "no retention row was drawn twice: the cache was never read"  # 4 steps x 6 rows
+    for name in runs["true"]:
+        torch.testing.assert_close(runs["true"][name], runs["false"][name], rtol=1e-4, atol=1e-5, msg=name)

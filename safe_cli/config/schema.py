@@ -394,6 +394,10 @@ class StageAConfig(Section):
         "all)."
     )
     log_every: int = Field(10, ge=1, description="Metrics interval in steps.")
+    cache_teacher: bool = Field(
+        True, description="Keep the frozen base's logits on each retention row on disk (SAFE's cache, teacher/) "
+        "and run the teacher only on rows not seen before (~1.5 GB for 8,000 rows at LLaVA-7B's vocabulary)."
+    )
     group_by_modality_length: bool = Field(
         True, description="Batch each step's rows by image / no image and text length (the same rows, less "
         "padding: LLaVA's group_by_modality_length). false: micro-batches in draw order."

@@ -56,6 +56,7 @@ class PromptBatcher:
         self.tokenizer = base.processor.tokenizer
         self.format = base.prompt_format
         self.end_ids = list(base.end_ids)
+        self.image_token_id = base.image_token_id
         self.device = next(base.model.parameters()).device
         self.dtype = next(base.model.parameters()).dtype
         self.image_size = base.model.config.vision_config.image_size

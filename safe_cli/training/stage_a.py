@@ -62,6 +62,8 @@ from .distributed import from_environment, rank_device
 from .lifecycle import StopSignals, open_stage_dir, peak_memory_mb, prepare_stage_dir, save_weights
 from .retention import FisherPenalty, NullSpaceProjector, distillation_kl_at, protected_linears
 from .schedule import warmup_cosine
+from .teacher_cache import KEYS as TEACHER_KEYS
+from .teacher_cache import TeacherCache
 
 ALIGNMENT_KINDS = ("audio", "av")
 AUDIO_INPUTS = ("audio", "audio_features", "audio_frame_mask")
@@ -110,7 +112,7 @@ def answer_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer: float) 
 
 
 # Keys of a prepared batch that are not the model's inputs.
-BATCH_EXTRAS = ("rows", "labels", "answer_index", "answer_targets", "answer_tokens")
+BATCH_EXTRAS = ("rows", "labels", "answer_index", "answer_targets", "answer_tokens", TEACHER_KEYS)
 # Every training forward: no KV cache (transformers builds one by default and concatenates into
 # it at every layer; training never decodes from it).
 TRAINING_FORWARD = {"use_cache": False}
@@ -131,6 +133,7 @@ class StepLosses:
     kl_weight: float
     temperature: float
     null_space: Optional[NullSpaceProjector] = None
+    teacher_cache: Optional[TeacherCache] = None  # None: the teacher runs on every retention batch
 
     def backward(self, micro: list[dict], retention: list[dict], alignment_normalizer: float,
                  retention_normalizer: float) -> dict[str, torch.Tensor]:
@@ -159,12 +162,16 @@ class StepLosses:
     def retention_kl(self, batch: dict, normalizer: float) -> Optional[torch.Tensor]:
         """KL to the base on one retention batch (None without a KL term); the student's forward
         shows the null space its protected inputs."""
+        counts = (batch["answer_targets"] != -100).sum(1).tolist()  # on the host, before the copy
         batch = to_device(batch, self.device)
         rows, index, targets = batch["rows"], batch["answer_index"], batch["answer_targets"]
         inputs = drop(batch, BATCH_EXTRAS + AUDIO_INPUTS + ("token_budget",))
         audio = {key: batch[key] for key in AUDIO_INPUTS if key in batch}
         teacher = None
-        if self.kl_weight > 0:
+        if self.kl_weight > 0 and self.teacher_cache is not None and TEACHER_KEYS in batch:
+            teacher = self.teacher_cache.logits(self.model.base, inputs, index, counts, batch[TEACHER_KEYS],
+                                                TRAINING_FORWARD)
+        elif self.kl_weight > 0:
             with torch.no_grad():  # the base itself: same tokens, no audio
                 teacher = self.model.base(**inputs, **TRAINING_FORWARD, logits_to_keep=index).logits
         collect = (self.null_space.collecting(rows, inputs["attention_mask"]) if self.null_space is not None
@@ -255,8 +262,11 @@ class StageATrainer:
                 gather=self.dist.gather if self.dist.enabled else None, world_rank=self.dist.rank,
             )
         self.uses_retention_batches = self.kl_weight > 0 or self.null_space is not None
+        # The teacher's logits are cached per row on the main process's disk: every rank reads
+        # and writes its own rows there (a multi-node run shares the cache only on a shared disk).
+        teacher_cache = TeacherCache(self.base_fingerprint) if self.cfg.cache_teacher and self.kl_weight > 0 else None
         self.losses = StepLosses(self.model, self.device, self.kl_weight, profile.retention.temperature,
-                                 self.null_space)
+                                 self.null_space, teacher_cache)
 
     # ------------------------------------------------------------------ state
 
@@ -315,7 +325,8 @@ class StageATrainer:
                         cfg.group_by_modality_length)
         return StepBatches(self.batcher, self.alignment, self.retention_pool if len(self.retention_pool) else None,
                            plan, sampling_weights(self.alignment_records, weights),
-                           sampling_weights(self.retention_records, weights))
+                           sampling_weights(self.retention_records, weights),
+                           teacher_keys=self.losses.teacher_cache is not None)
 
     def _estimate_fisher(self) -> int:
         """EWC's Fisher on retention examples, at the starting point (which equals the base)."""

@@ -36,6 +36,8 @@ from ..data.batches import PromptBatcher
 from ..data.dataset import RecordPool, with_distractors
 from ..data.manifest import Record
 from .batches import answer_positions, draw_budgets, draw_rows, modality_length_key, training_batch
+from .teacher_cache import KEYS as TEACHER_KEYS
+from .teacher_cache import row_keys
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ class StepBatches(Dataset):
 
     def __init__(self, batcher: PromptBatcher, alignment: RecordPool, retention: Optional[RecordPool],
                  plan: StepPlan, alignment_weights: Optional[np.ndarray] = None,
-                 retention_weights: Optional[np.ndarray] = None):
+                 retention_weights: Optional[np.ndarray] = None, teacher_keys: bool = False):
+        self.teacher_keys = teacher_keys  # retention batches carry a key a row for the teacher cache
         self.batcher = copy.copy(batcher)
         self.batcher.device = torch.device("cpu")  # workers build CPU tensors; the trainer moves them
         self.alignment, self.retention, self.plan = alignment, retention, plan
@@ -97,7 +100,7 @@ class StepBatches(Dataset):
         without = [row for row in mine if row[0].image is None]
         return [part for part in (without, with_image) if part]
 
-    def _batch(self, pool: RecordPool, rows: list, bad: list) -> Optional[dict]:
+    def _batch(self, pool: RecordPool, rows: list, bad: list, keys: bool = False) -> Optional[dict]:
         kept, broken = pool.usable([record for record, _ in rows])
         bad += [(record.id, reason) for record, reason in broken]
         if not kept:
@@ -108,6 +111,8 @@ class StepBatches(Dataset):
         batch["answer_index"], batch["answer_targets"] = answer_positions(batch["labels"])
         batch["answer_tokens"] = int((batch["answer_targets"] != -100).sum())
         batch["rows"] = len(kept)
+        if keys:
+            batch[TEACHER_KEYS] = row_keys(batch, self.batcher.image_token_id)
         return batch
 
     def __getitem__(self, step: int) -> dict[str, Any]:
@@ -121,7 +126,7 @@ class StepBatches(Dataset):
         if plan.uses_retention and self.retention is not None and step % plan.retention_every == 0:
             rows, = self._draw(self.retention, self.retention_weights, rng, 1,
                                distractors=np.random.default_rng([plan.seed, step, 1]))
-            retention = [self._batch(self.retention, part, bad) for part in self._mine(rows)]
+            retention = [self._batch(self.retention, part, bad, self.teacher_keys) for part in self._mine(rows)]
         return {"micro": micro, "retention": retention, "bad": bad,
                 "rows": plan.batch_size * (plan.grad_accum + (retention is not None))}
 
