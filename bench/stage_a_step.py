@@ -21,7 +21,11 @@ grouping and answer positions). Three steps over the same rows, the ``soft_reten
   upcast them all;
 - ``+ answer positions``: today's ``StepLosses`` (logits only where an answer token is predicted,
   no KV cache) on the same ungrouped batches;
-- ``after``: today's step: ``StepLosses`` on batches grouped by image and text length.
+- ``+ grouping``: today's step on a row not seen before: ``StepLosses`` on batches grouped by
+  image and text length;
+- ``+ teacher cached``: today's step on rows seen before: their teacher logits come from the
+  teacher cache, so no teacher forward runs (a run's share of such rows is 1 - distinct rows /
+  retention rows drawn).
 
 Every step sees the same examples, so FLOPs per step compare at equal examples seen. The
 meta device cannot branch on values: the bench skips two checks transformers makes on them (that
@@ -155,11 +159,22 @@ def before_step(model, inputs: dict, kl_weight: float, temperature: float) -> No
         (kl_weight * kl).backward()
 
 
-def after_step(model, inputs: dict, kl_weight: float, temperature: float) -> None:
-    from safe_cli.training.stage_a import StepLosses
+class WarmTeacherCache:
+    """A teacher cache that holds every row (the steady state: each retention row seen before):
+    its logits come from disk, so the step runs no teacher forward."""
 
-    StepLosses(model, torch.device("meta"), kl_weight, temperature).backward(inputs["micro"], inputs["retention"],
-                                                                              1.0, 1.0)
+    def logits(self, base, inputs, index, counts, keys, forward):
+        return torch.zeros(*index.shape, base.model.get_output_embeddings().out_features, device=index.device)
+
+
+def after_step(model, inputs: dict, kl_weight: float, temperature: float, warm: bool = False) -> None:
+    from safe_cli.training.stage_a import TEACHER_KEYS, StepLosses
+
+    retention = inputs["retention"]
+    if warm:
+        retention = [dict(batch, **{TEACHER_KEYS: ["cached"] * batch["rows"]}) for batch in retention]
+    StepLosses(model, torch.device("meta"), kl_weight, temperature,
+               teacher_cache=WarmTeacherCache() if warm else None).backward(inputs["micro"], retention, 1.0, 1.0)
 
 
 def count(run) -> int:
@@ -190,11 +205,12 @@ def measure(name: str, layers: int, steps: int) -> dict:
     model = meta_model(grouped_profile, features[1])
     grouped = step_inputs(grouped_profile, model, steps, features)
     plain = step_inputs(plain_profile, model, steps, features)
-    per_step = {"before": [], "+ answer positions": [], "after": []}
+    per_step = {"before": [], "+ answer positions": [], "+ grouping": [], "+ teacher cached": []}
     for g, p in zip(grouped, plain):
         per_step["before"].append(count(lambda: before_step(model, p, kl_weight, temperature)))
         per_step["+ answer positions"].append(count(lambda: after_step(model, p, kl_weight, temperature)))
-        per_step["after"].append(count(lambda: after_step(model, g, kl_weight, temperature)))
+        per_step["+ grouping"].append(count(lambda: after_step(model, g, kl_weight, temperature)))
+        per_step["+ teacher cached"].append(count(lambda: after_step(model, g, kl_weight, temperature, warm=True)))
         model.zero_grad(set_to_none=True)
     totals = {k: sum(v) for k, v in per_step.items()}
     before = totals["before"]
@@ -211,7 +227,8 @@ def measure(name: str, layers: int, steps: int) -> dict:
         "tflops_per_step": {k: v / steps / 1e12 for k, v in totals.items()},
         "ratio_to_before": {k: v / before for k, v in totals.items()},
         "share_removed": {"answer positions": (before - totals["+ answer positions"]) / before,
-                          "grouping": (totals["+ answer positions"] - totals["after"]) / before},
+                          "grouping": (totals["+ answer positions"] - totals["+ grouping"]) / before,
+                          "teacher cached": (totals["+ grouping"] - totals["+ teacher cached"]) / before},
         "padding_share": {"ungrouped": padding_share(plain), "grouped": padding_share(grouped)},
         "memory_estimate_gib": est.to_json()["totals_gib"],
         "kv_cache_the_old_step_built_gib": kv_cache / 2**30,
@@ -234,7 +251,8 @@ def main() -> None:
         for key, value in r["tflops_per_step"].items():
             print(f"{r['base']:<10} {key:<20} {value:>12.4f} {r['ratio_to_before'][key]:>10.3f}")
         print(f"{'':<10} share removed: answer positions {r['share_removed']['answer positions']:.1%}, grouping "
-              f"{r['share_removed']['grouping']:.1%}; padding (alignment / retention rows) "
+              f"{r['share_removed']['grouping']:.1%}, teacher cached {r['share_removed']['teacher cached']:.1%}; "
+              "padding (alignment / retention rows) "
               f"{r['padding_share']['ungrouped']['alignment']:.1%} / {r['padding_share']['ungrouped']['retention']:.1%} "
               f"ungrouped, {r['padding_share']['grouped']['alignment']:.1%} / "
               f"{r['padding_share']['grouped']['retention']:.1%} grouped")

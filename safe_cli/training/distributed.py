@@ -67,6 +67,26 @@ class Distributed:
     def any(self, flag: bool) -> bool:
         return self.sum(1.0 if flag else 0.0) > 0
 
+    def any_each(self, flags: list[bool]) -> list[bool]:
+        """``any`` of several flags over ranks in one all-reduce."""
+        if not self.enabled:
+            return [bool(f) for f in flags]
+        tensor = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64, device=self._device())
+        dist.all_reduce(tensor)
+        return [bool(v > 0) for v in tensor.tolist()]
+
+    def from_main(self, compute):
+        """``compute()`` on rank 0 only, its (picklable) result handed to every rank.
+
+        For what every rank would compute alike at a cost, such as the base's fingerprint (a
+        hash of 14 GB at LLaVA-7B, copied off the GPU to hash).
+        """
+        if not self.enabled:
+            return compute()
+        box = [compute() if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """A new tensor: the elementwise sum over ranks."""
         if not self.enabled:
@@ -83,6 +103,16 @@ class Distributed:
         parts = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(parts, local)
         return [part.to(tensor.device) for part in parts]
+
+    def gather_to_main(self, tensor: torch.Tensor) -> Optional[list[torch.Tensor]]:
+        """Every rank's copy of an equally shaped tensor on rank 0, in rank order (None elsewhere):
+        what only the writing rank needs is not copied to every rank."""
+        if not self.enabled:
+            return [tensor.clone()]
+        local = tensor.detach().contiguous().to(self._device())
+        parts = [torch.empty_like(local) for _ in range(self.world)] if self.is_main else None
+        dist.gather(local, parts, dst=0)
+        return [part.to(tensor.device) for part in parts] if self.is_main else None
 
     def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Mean of each parameter's gradient over ranks, in one flat all-reduce (missing grads count as 0)."""

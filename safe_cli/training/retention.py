@@ -174,7 +174,9 @@ class NullSpaceProjector:
         # Data parallelism: each rank collects its own rows; ``reduce`` sums a tensor over ranks,
         # so the bases come from every rank's inputs and are the same everywhere.
         self.reduce = reduce or (lambda tensor: tensor)
-        self.gather = gather  # every rank's copy of a tensor, for checkpoints that resume exactly
+        # Every rank's copy of a tensor on the writing rank (None elsewhere), so a checkpoint
+        # resumes each rank's own sums exactly.
+        self.gather = gather
         self.world_rank = world_rank
 
     def _global_samples(self) -> int:
@@ -216,10 +218,8 @@ class NullSpaceProjector:
 
     def maybe_refresh(self, step: int) -> bool:
         """Recompute the bases when due; True if it did."""
-        if self._global_samples() < self.min_samples:
-            return False
         due = self.refreshed_at is None or step - self.refreshed_at >= self.refresh_interval
-        if not due:
+        if not due or self._global_samples() < self.min_samples:  # the all-reduce only when due
             return False
         for name, covariance in self.covariance.items():
             eigenvalues, eigenvectors = torch.linalg.eigh(self.reduce(covariance))  # ascending
@@ -260,8 +260,11 @@ class NullSpaceProjector:
                  "bases": {k: v.clone() for k, v in self.bases.items()},
                  "refreshed_at": -1 if self.refreshed_at is None else self.refreshed_at}
         if self.gather is not None:
-            state["covariance_by_rank"] = {k: torch.stack(self.gather(v)) for k, v in self.covariance.items()}
-            state["samples_by_rank"] = torch.stack(self.gather(torch.tensor([float(self.samples)], dtype=torch.float64)))
+            by_rank = {k: self.gather(v) for k, v in self.covariance.items()}
+            samples = self.gather(torch.tensor([float(self.samples)], dtype=torch.float64))
+            if samples is not None:  # the writing rank
+                state["covariance_by_rank"] = {k: torch.stack(v) for k, v in by_rank.items()}
+                state["samples_by_rank"] = torch.stack(samples)
         return state
 
     def load_state_dict(self, state: dict, world: int = 1) -> None:

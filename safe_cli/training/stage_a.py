@@ -222,7 +222,7 @@ class StageATrainer:
         projector, fusion = build_trainable(profile, base, encoder.feature_dim, self.seed)
         self.model = apply_precision(SAFEModel(base, projector, fusion, encoder).to(self.device), profile)
         self.batcher = PromptBatcher.for_evaluation(base, profile.evaluation)
-        self.base_fingerprint = self.model.base_fingerprint()
+        self.base_fingerprint = self.dist.from_main(self.model.base_fingerprint)  # one rank hashes the base
         self.positive_budgets = [b for b in profile.policy.token_budgets if b > 0]
         self.max_budget = max(self.positive_budgets)
         if self.max_budget > profile.projector.num_tokens:
@@ -259,7 +259,7 @@ class StageATrainer:
                 protected_linears(self.model.fusion), variant.null_space_rank,
                 variant.null_space_min_samples, variant.null_space_refresh_interval,
                 reduce=self.dist.sum_tensor if self.dist.enabled else None,
-                gather=self.dist.gather if self.dist.enabled else None, world_rank=self.dist.rank,
+                gather=self.dist.gather_to_main if self.dist.enabled else None, world_rank=self.dist.rank,
             )
         self.uses_retention_batches = self.kl_weight > 0 or self.null_space is not None
         # The teacher's logits are cached per row on the main process's disk: every rank reads
@@ -461,11 +461,14 @@ class StageATrainer:
                     window = []
                 if step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps:
                     self.save(step, skipped)
-                if self.dist.any(interrupt.received is not None):  # every rank stops after the same step
+                # One all-reduce for both: every rank stops after the same step.
+                stopped, too_many_bad = self.dist.any_each([
+                    interrupt.received is not None, len(bad_records) > self.profile.data.max_bad_fraction * self.train_size])
+                if stopped:
                     self.save(step, skipped)
                     raise RunFailed(f"stopped by {interrupt.received or 'a signal to another rank'} after step "
                                     f"{step}; checkpoint saved in {directory}; continue with --resume")
-                if self.dist.any(len(bad_records) > self.profile.data.max_bad_fraction * self.train_size):
+                if too_many_bad:
                     self.save(step, skipped)
                     shown = "; ".join(f"{rid}: {why}" for rid, why in list(bad_records.items())[:5])
                     raise RunFailed(f"{len(bad_records)} of {self.train_size} training records failed to decode, "
