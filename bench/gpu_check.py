@@ -16,8 +16,10 @@ on; the JSON is rewritten after every part, so a killed run keeps what it measur
                       32 heads, MLP 11008), 8 layers, fusion at 2 and 5, bf16 weights: budget-0 rows
                       bit-exact in a mixed batch (forward and greedy generate); forward time of the
                       base, budget 0 and budget 8 at batch 8 x 641 tokens (576 image tokens); one
-                      Stage A-shaped step (alignment CE + retention KL, one backward each) against
-                      ``estimate_memory``'s figure for the same shape. The vision tower is CLIP-L/336's
+                      Stage A-shaped step (alignment CE + retention KL, one backward each) as it ran
+                      before issue 27 (every position's logits, a KV cache) and as it runs now
+                      (logits at the answer positions, no cache), time and peak memory of each, the
+                      latter against ``estimate_memory``'s figure for the same shape. The vision tower is CLIP-L/336's
                       token count at a small width: the LLM's cost is what is measured.
     batched_encoding  ``encode_audio`` (the code behind ``safe encode-audio``), faithful 30 s windows,
                       256 FSDD-length clips through a whisper-small-shaped encoder (random weights),
@@ -235,15 +237,22 @@ def part_llava7b_layers(ctx: dict) -> dict:
     if "base" in medians:
         out["forward_ratio_to_base"] = {name: round(m / medians["base"], 4) for name, m in medians.items()}
 
-    # One Stage A-shaped step: the alignment micro-batch (CE on the answer positions, all rows with
-    # audio) and the retention batch (KL to the teacher, the base without audio), a backward each.
+    # One Stage A-shaped step, two ways: the alignment micro-batch (CE on the answer positions, all
+    # rows with audio) and the retention batch (KL to the teacher, the base without audio), a
+    # backward each. "before": as Stage A ran before issue 27 (every position's logits, a KV cache
+    # built); "after": as it runs now (logits_to_keep at the answer positions, use_cache=False).
+    from safe_cli.training.batches import answer_positions
+    from safe_cli.training.retention import distillation_kl_at
+    from safe_cli.training.stage_a import TRAINING_FORWARD, answer_loss
+
     labels = torch.full_like(inputs["input_ids"], -100)
     labels[:, -8:] = inputs["input_ids"][:, -8:]
+    index, targets = answer_positions(labels)
     trainable = [p for _, p in safe.trainable_named_parameters()]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     safe.train()
 
-    def step() -> None:
+    def step_before() -> None:
         loss = safe(token_budget=eights, audio_features=features, labels=labels, **inputs).loss
         loss.backward()
         with torch.no_grad():
@@ -253,12 +262,26 @@ def part_llava7b_layers(ctx: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    timed(step, device)  # warm-up: allocator, optimizer state
-    reset_peak(device)
-    step_times = [timed(step, device) for _ in range(1 if tiny else 3)]
-    out["stage_a_step_seconds"] = round(statistics.median(step_times), 4)
-    out["stage_a_step_peak_mib"] = peak_mib(device)
-    estimate = estimate_memory(profile, text_tokens=tokens - base.num_image_tokens)
+    def step_after() -> None:
+        kept = dict(TRAINING_FORWARD, logits_to_keep=index)
+        logits = safe(token_budget=eights, audio_features=features, **inputs, **kept).logits
+        answer_loss(logits, targets, float((targets != -100).sum())).backward()
+        with torch.no_grad():
+            teacher = base(**inputs, **kept).logits
+        student = safe(token_budget=mixed, audio_features=features, **inputs, **kept).logits
+        distillation_kl_at(student, teacher, targets, 2.0).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for name, step in (("before", step_before), ("after", step_after)):
+        timed(step, device)  # warm-up: allocator, optimizer state
+        reset_peak(device)
+        step_times = [timed(step, device) for _ in range(1 if tiny else 3)]
+        out[f"stage_a_step_{name}_seconds"] = round(statistics.median(step_times), 4)
+        out[f"stage_a_step_{name}_peak_mib"] = peak_mib(device)
+    out["stage_a_step_seconds"] = out["stage_a_step_after_seconds"]
+    out["stage_a_step_peak_mib"] = out["stage_a_step_after_peak_mib"]
+    estimate = estimate_memory(profile, text_tokens=tokens - base.num_image_tokens, answer_tokens=8)
     out["estimate_training_mib"] = round(estimate.totals["training"] / 2**20, 1)
     if out["stage_a_step_peak_mib"]:
         out["measured_over_estimate"] = round(out["stage_a_step_peak_mib"] / out["estimate_training_mib"], 3)

@@ -230,6 +230,8 @@ def measure(name: str, layers: int, steps: int) -> dict:
                           "grouping": (totals["+ answer positions"] - totals["+ grouping"]) / before,
                           "teacher cached": (totals["+ grouping"] - totals["+ teacher cached"]) / before},
         "padding_share": {"ungrouped": padding_share(plain), "grouped": padding_share(grouped)},
+        "answer_tokens_per_micro_batch_ungrouped": sorted(b["answer_tokens"] for s in plain for b in s["micro"]),
+        "tokens_per_micro_batch_ungrouped": sorted(b["attention_mask"].numel() for s in plain for b in s["micro"]),
         "memory_estimate_gib": est.to_json()["totals_gib"],
         "kv_cache_the_old_step_built_gib": kv_cache / 2**30,
         "memory_rows_gib": {r.component: round(r.gib, 3) for r in est.training},
@@ -256,6 +258,9 @@ def main() -> None:
               f"{r['padding_share']['ungrouped']['alignment']:.1%} / {r['padding_share']['ungrouped']['retention']:.1%} "
               f"ungrouped, {r['padding_share']['grouped']['alignment']:.1%} / "
               f"{r['padding_share']['grouped']['retention']:.1%} grouped")
+        answers, tokens = r["answer_tokens_per_micro_batch_ungrouped"], r["tokens_per_micro_batch_ungrouped"]
+        print(f"{'':<10} ungrouped micro-batches: {answers[0]}-{answers[-1]} answer tokens, "
+              f"{tokens[0]}-{tokens[-1]} positions (padded)")
         print(f"{'':<10} memory estimate: training {r['memory_estimate_gib']['training']:.2f} GiB; the old step "
               f"also built a {r['kv_cache_the_old_step_built_gib']:.2f} GiB KV cache (float32 here)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
