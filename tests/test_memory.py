@@ -275,6 +275,21 @@ def test_validate_estimate_json_agrees_with_the_library(tmp_path):
     assert np.isclose(report["totals_gib"]["training"], report["totals_bytes"]["training"] / 2**30, atol=1e-3)
 
 
+def test_answer_tokens_size_the_logits_of_the_estimate(tmp_path):
+    """Stage A's LM head runs on the answer positions: the logits rows scale with --answer-tokens."""
+    rows = {}
+    for n in (2, 64):
+        result = safe("validate", "llava15-7b-whisper-small", "--estimate", "--json", "--answer-tokens", str(n),
+                      cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["sequence"]["answer_tokens"] == n
+        rows[n] = {r["component"]: r["bytes"] for r in report["training"]}
+    logits = "  of which logits + log_softmax"
+    assert rows[64][logits] == 32 * rows[2][logits] == 8 * 64 * 32064 * (2 + 4)  # bf16 logits + fp32 log-softmax
+    assert rows[64]["teacher logits (retention batch, no grad)"] == 32 * rows[2]["teacher logits (retention batch, no grad)"]
+
+
 def test_validate_estimate_unknown_model_exits_2(tmp_path):
     result = safe("validate", "demo", "--estimate", "--set", "base.kind=hf-llava", "--set",
                   "base.name_or_path=someone/llava-x", cwd=tmp_path)

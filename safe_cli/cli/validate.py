@@ -34,6 +34,10 @@ def validate(
     text_tokens: int = typer.Option(
         64, "--text-tokens", min=1, help="Text tokens per example on top of the image tokens, for the estimate."
     ),
+    answer_tokens: int = typer.Option(
+        8, "--answer-tokens", min=1, help="Labelled (answer) tokens per training row, for the memory estimate: Stage "
+        "A's LM head and loss run on these positions only."
+    ),
     audio_usage: float = typer.Option(
         0.494, "--audio-usage", min=0.0, max=1.0, help="Fraction of clips the gate sends to the encoder, for the "
         "compute estimate (default: the avdigits gate's measured 49.4%, 2026-12-03)."
@@ -64,7 +68,7 @@ def validate(
         _validate_data(resolved, as_json)
         return
     if estimate:
-        _print_estimate(resolved, variant, text_tokens, as_json, (audio_usage, new_tokens, clip_seconds))
+        _print_estimate(resolved, variant, text_tokens, as_json, (audio_usage, new_tokens, clip_seconds), answer_tokens)
         return
     if as_json:
         print(json.dumps(resolved.model_dump(mode="json"), indent=2))
@@ -80,11 +84,11 @@ def validate(
 
 
 def _print_estimate(resolved, variant: Optional[str], text_tokens: int, as_json: bool,
-                    compute_settings: tuple[float, int, float]) -> None:
+                    compute_settings: tuple[float, int, float], answer_tokens: int) -> None:
     from ..models.memory import GIB, estimate_memory
     from ..rl.cost import estimate_compute
 
-    est = estimate_memory(resolved, variant, text_tokens)
+    est = estimate_memory(resolved, variant, text_tokens, answer_tokens)
     usage, new_tokens, clip_seconds = compute_settings
     compute = estimate_compute(resolved, usage, text_tokens, new_tokens, clip_seconds)
     if as_json:
