@@ -237,14 +237,18 @@ def semantic_issues(profile: Profile, source: str) -> list[Issue]:
         name = enc.whisper.name_or_path
         import whisper  # deferred: importing whisper costs ~1 s
 
-        if name not in whisper.available_models():
+        local = Path(name).expanduser()
+        if name not in whisper.available_models() and not (local / "model.bin").is_file():  # a CTranslate2 folder
             if not _looks_like_local_path(name) and not Path(name).suffix:
                 add(
                     "audio_encoder.whisper.name_or_path",
                     f"{name!r} is neither a whisper model name ({', '.join(whisper.available_models())}) "
-                    "nor a .pt checkpoint path",
+                    "nor a .pt checkpoint path nor a CTranslate2 Whisper folder",
                 )
-            elif not Path(name).expanduser().is_file():
+            elif local.is_dir():
+                add("audio_encoder.whisper.name_or_path", f"{name}: a folder without model.bin; expected a .pt "
+                    "checkpoint or a CTranslate2 Whisper folder (model.bin, config.json, vocabulary)")
+            elif not local.is_file():
                 add("audio_encoder.whisper.name_or_path", f"whisper checkpoint not found: {name}")
     if enc.kind in ("clap", "both"):
         name = enc.clap.name_or_path

@@ -161,8 +161,10 @@ class BaseModelConfig(Section):
 class WhisperConfig(Section):
     name_or_path: str = Field(
         "small",
-        description="openai-whisper model name (tiny, base, small, ...) or a path to a .pt "
-        "checkpoint, loaded with whisper.load_model. Only the encoder is kept.",
+        description="openai-whisper model name (tiny, base, small, ...), a path to a .pt checkpoint "
+        "(loaded with whisper.load_model), or a CTranslate2 Whisper folder as faster-whisper and WhisperX keep them "
+        "(model.bin, config.json, vocabulary; converted to whisper's own model once and cached). Only the encoder "
+        "is kept.",
     )
     trim_to_clip: bool = Field(
         False,

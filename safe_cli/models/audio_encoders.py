@@ -151,12 +151,19 @@ class WhisperEncoder(AudioEncoder):
     @classmethod
     def load(cls, name_or_path: str, device: Union[str, torch.device] = "cpu",
              trim_to_clip: bool = False) -> "WhisperEncoder":
-        """``whisper.load_model`` by name (downloads to whisper's cache) or from a local ``.pt`` file."""
+        """``whisper.load_model`` by name (downloads to whisper's cache), from a local ``.pt`` file, or
+        from a CTranslate2 Whisper folder (faster-whisper's format: converted once, cached)."""
         import whisper
 
+        from .ctranslate2_whisper import is_ctranslate2_folder, load_ctranslate2_whisper
+
+        if is_ctranslate2_folder(name_or_path):
+            model = load_ctranslate2_whisper(name_or_path, device)
+            return cls(model.encoder, model.dims.n_mels, trim_to_clip)
         is_name = name_or_path in whisper.available_models()
         if not is_name and not Path(name_or_path).expanduser().is_file():
-            raise SafeError(f"audio_encoder.whisper.name_or_path: whisper checkpoint not found: {name_or_path}")
+            raise SafeError(f"audio_encoder.whisper.name_or_path: whisper checkpoint not found: {name_or_path} (a "
+                            "whisper model name, a .pt file or a CTranslate2 folder with model.bin)")
         try:
             model = whisper.load_model(
                 name_or_path if is_name else str(Path(name_or_path).expanduser()), device=str(device)
