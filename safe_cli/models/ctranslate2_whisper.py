@@ -167,8 +167,8 @@ def whisper_state_dict(variables: dict[str, np.ndarray], path: Path,
         conv = f"encoder/conv{i + 1}"
         state[f"encoder.conv{i + 1}.weight"], state[f"encoder.conv{i + 1}.bias"] = get(f"{conv}/weight"), \
             get(f"{conv}/bias")
-    for i in range(audio_layers):
-        src, dst = f"encoder/layer_{i}", f"encoder.blocks.{i}"
+    def block(src: str, dst: str) -> None:
+        """What encoder and decoder layers share: self-attention (fused q/k/v) and the MLP."""
         attention = f"{src}/self_attention"
         (q, q_bias), *kv = split(get(f"{attention}/linear_0/weight"), get(f"{attention}/linear_0/bias"), 3)
         state[f"{dst}.attn.query.weight"], state[f"{dst}.attn.query.bias"] = q, q_bias
@@ -178,6 +178,9 @@ def whisper_state_dict(variables: dict[str, np.ndarray], path: Path,
         linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
         linear(f"{dst}.mlp.2", f"{src}/ffn/linear_1")
         norm(f"{dst}.mlp_ln", f"{src}/ffn/layer_norm")
+
+    for i in range(audio_layers):
+        block(f"encoder/layer_{i}", f"encoder.blocks.{i}")
     norm("encoder.ln_post", "encoder/layer_norm")
     positions = get("encoder/position_encodings/encodings").float()
     expected = sinusoids(*positions.shape)
@@ -193,21 +196,13 @@ def whisper_state_dict(variables: dict[str, np.ndarray], path: Path,
     state["decoder.positional_embedding"] = get("decoder/position_encodings/encodings")
     for i in range(text_layers):
         src, dst = f"decoder/layer_{i}", f"decoder.blocks.{i}"
-        attention = f"{src}/self_attention"
-        (q, q_bias), *kv = split(get(f"{attention}/linear_0/weight"), get(f"{attention}/linear_0/bias"), 3)
-        state[f"{dst}.attn.query.weight"], state[f"{dst}.attn.query.bias"] = q, q_bias
-        key_value(f"{dst}.attn", kv, f"{attention}/linear_0")
-        linear(f"{dst}.attn.out", f"{attention}/linear_1")
-        norm(f"{dst}.attn_ln", f"{attention}/layer_norm")
+        block(src, dst)
         cross = f"{src}/attention"
         linear(f"{dst}.cross_attn.query", f"{cross}/linear_0")
         key_value(f"{dst}.cross_attn", split(get(f"{cross}/linear_1/weight"), get(f"{cross}/linear_1/bias"), 2),
                   f"{cross}/linear_1")
         linear(f"{dst}.cross_attn.out", f"{cross}/linear_2")
         norm(f"{dst}.cross_attn_ln", f"{cross}/layer_norm")
-        linear(f"{dst}.mlp.0", f"{src}/ffn/linear_0")
-        linear(f"{dst}.mlp.2", f"{src}/ffn/linear_1")
-        norm(f"{dst}.mlp_ln", f"{src}/ffn/layer_norm")
     norm("decoder.ln", "decoder/layer_norm")
 
     vocab, width = state["decoder.token_embedding.weight"].shape
