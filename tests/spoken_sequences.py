@@ -10,25 +10,15 @@ Stage A gives each a distractor clip from the training audio.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
 from safe_cli.data.avdigits import NUMBER_WORDS
+from safe_cli.data.espeak import espeak_path as espeak, synthesise
 
 VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-scotland")
 SPEEDS = (150, 175, 200)
-
-
-def espeak() -> str | None:
-    return shutil.which("espeak-ng")
-
-
-def synthesise(text: str, path: Path, voice: str, speed: int) -> None:
-    subprocess.run([espeak(), "-v", voice, "-s", str(speed), "-w", str(path), text], check=True,
-                   capture_output=True)
 
 
 def sequence_records(out: Path, count: int, split: str, seed: int) -> list[dict]:

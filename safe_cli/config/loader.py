@@ -234,11 +234,19 @@ def semantic_issues(profile: Profile, source: str) -> list[Issue]:
 
     enc = profile.audio_encoder
     if enc.kind in ("whisper", "both"):
-        name = enc.whisper.name_or_path
         import whisper  # deferred: importing whisper costs ~1 s
 
-        local = Path(name).expanduser()
-        if name not in whisper.available_models() and not (local / "model.bin").is_file():  # a CTranslate2 folder
+        from ..models.package_paths import PackagePathError, resolve_package_path
+
+        try:
+            name = resolve_package_path(enc.whisper.name_or_path, "audio_encoder.whisper.name_or_path")
+        except PackagePathError as exc:
+            add("audio_encoder.whisper.name_or_path", exc.detail)
+            name = None
+        local = Path(name or "").expanduser()
+        if name is None:
+            pass
+        elif name not in whisper.available_models() and not (local / "model.bin").is_file():  # a CTranslate2 folder
             if not _looks_like_local_path(name) and not Path(name).suffix:
                 add(
                     "audio_encoder.whisper.name_or_path",

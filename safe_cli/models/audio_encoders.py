@@ -156,7 +156,9 @@ class WhisperEncoder(AudioEncoder):
         import whisper
 
         from .ctranslate2_whisper import is_ctranslate2_folder, load_ctranslate2_whisper
+        from .package_paths import resolve_package_path
 
+        name_or_path = resolve_package_path(name_or_path, "audio_encoder.whisper.name_or_path")
         if is_ctranslate2_folder(name_or_path):
             model = load_ctranslate2_whisper(name_or_path, device)
             return cls(model.encoder, model.dims.n_mels, trim_to_clip)

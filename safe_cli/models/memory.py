@@ -231,7 +231,9 @@ def _whisper_dims(name: str) -> tuple[int, int, int, int, int]:
     if name in WHISPER_DIMS:
         return (WHISPER_DIMS[name][0], 1500, *WHISPER_DIMS[name][1:])
     from .ctranslate2_whisper import ctranslate2_whisper_dims, is_ctranslate2_folder
+    from .package_paths import resolve_package_path
 
+    name = resolve_package_path(name, key)
     if is_ctranslate2_folder(name):
         dims = ctranslate2_whisper_dims(name)
         return dims["n_mels"], dims["n_audio_ctx"], dims["n_audio_state"], dims["n_audio_head"], dims["n_audio_layer"]
