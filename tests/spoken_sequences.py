@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from safe_cli.data.avdigits import NUMBER_WORDS
-from safe_cli.data.espeak import espeak_path as espeak, synthesise
+from safe_cli.data.espeak import synthesise
 
 VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-scotland")
 SPEEDS = (150, 175, 200)

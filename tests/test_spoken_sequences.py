@@ -22,7 +22,8 @@ from safe_cli.cli.main import app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import FAST  # noqa: E402
-from spoken_sequences import espeak, write_dataset  # noqa: E402
+from spoken_sequences import write_dataset  # noqa: E402
+from safe_cli.data.espeak import espeak_path as espeak  # noqa: E402
 
 REQUIRED = bool(os.environ.get("CI") or os.environ.get("SAFE_REQUIRE_ESPEAK"))
 needs_espeak = pytest.mark.skipif(espeak() is None and not REQUIRED,
