@@ -333,6 +333,35 @@ def test_report_aggregates_seeds_reads_efficiency_and_marks_failures(tmp_path):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_compares_each_variant_with_no_retention_paired_by_seed(tmp_path):
+    """Per-task accuracy, speed, and variant - no_retention per seed with a Student-t interval:
+    differences 0.1, 0.2, 0.3 over seeds 1-3 give 0.2 +- t(0.975, 2) x 0.1 / sqrt(3) = 0.2 +- 0.2484."""
+    out = tmp_path / "sweep"
+    m = _manifest(variants=["no_retention", "soft_retention"], seeds=[1, 2, 3], stages=["a"])
+    m.save(out)
+    for seed in (1, 2, 3):
+        for variant, audio, vl_with, speed in (("no_retention", 0.5, -0.6, 400.0),
+                                               ("soft_retention", 0.5 + 0.1 * seed, -0.6 + 0.1 * seed, 200.0)):
+            path = grid.stage_path(out, Run(Cell(variant, seed), "a"))
+            path.mkdir(parents=True)
+            (path / "summary.json").write_text(json.dumps({**_summary(audio, vl_with), "examples_per_second": speed}))
+    report = report_mod.build(out, m)
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert rows["soft_retention"]["tasks"]["av/sum"]["mean"] == pytest.approx(0.7)
+    assert rows["no_retention"]["examples_per_second"]["mean"] == 400.0
+    (compared,) = report["comparisons"]
+    assert compared["variant"] == "soft_retention" and compared["baseline"] == "no_retention"
+    audio_gain = compared["differences"]["task:audio/digit"]
+    assert audio_gain["mean"] == pytest.approx(0.2) and audio_gain["n"] == 3
+    assert audio_gain["ci95"] == pytest.approx([0.2 - 0.248414, 0.2 + 0.248414], abs=1e-5)
+    # VL with a clip: n-weighted 1.75 x the per-seed difference (see _summary).
+    assert compared["differences"]["vl_delta_with_audio"]["mean"] == pytest.approx(0.35)
+    md = report_mod.to_markdown(report)
+    assert "| soft_retention | a | 50.0% ± 0.0 | 50.0% ± 0.0 | 200 |" not in md  # per-task values are its own
+    assert "| no_retention | a | 50.0% ± 0.0 | 50.0% ± 0.0 | 400 |" in md
+    assert "## Against no_retention" in md and "| +20.0 [-4.8, +44.8] |" in md
+
+
 # --------------------------------------------------------------------------- CLI refusals
 
 

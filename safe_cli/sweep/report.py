@@ -8,6 +8,12 @@ Metrics from each finished stage's summary.json, n-weighted over its tasks:
 - relative compute: efficiency.relative_audio_compute, written by stages b and c;
 - verdicts: how many seeds' stage evaluations pass, are inconclusive or regress under the run's
   ``evaluation.rule`` (``evaluation.retention.verdict_from_examples`` on eval_examples.json).
+
+Also per row: SAFE's accuracy on each audio and AV task and the training examples/s, mean and
+std over seeds; and "comparisons": each variant minus the baseline variant (no_retention when the
+grid has it) on every metric and task, paired by seed, with a 95% Student-t interval over the
+seeds both finished (wide with 3 seeds: t = 4.30). That interval is for the training seed's
+spread only; each evaluation's own sampling error is in its run's eval-retention report.
 """
 
 from __future__ import annotations
@@ -53,6 +59,57 @@ def run_metrics(summary: dict[str, Any]) -> dict[str, Optional[float]]:
         "vl_delta_with_audio": _weighted(tasks, "delta", lambda t: t.get("kind") in base_tasks and t.get("with_audio")),
         "relative_compute": efficiency.get("relative_audio_compute"),
     }
+
+
+def task_accuracies(summary: dict[str, Any]) -> dict[str, float]:
+    """SAFE's accuracy on each task that needs the clip (audio and AV families)."""
+    return {t["task"]: t["safe_accuracy"] for t in summary.get("tasks") or []
+            if t.get("kind") in ("audio", "av") and t.get("safe_accuracy") is not None}
+
+
+def paired_difference(ours: dict[int, float], theirs: dict[int, float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean of ours - theirs over the seeds both have, with a Student-t interval (None below 2 seeds)."""
+    from scipy import stats
+
+    seeds = sorted(set(ours) & set(theirs))
+    differences = [ours[s] - theirs[s] for s in seeds
+                   if ours[s] is not None and theirs[s] is not None and math.isfinite(ours[s] - theirs[s])]
+    if not differences:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return {"mean": mean, "ci95": None, "n": 1}
+    half = stats.t.ppf(0.5 + confidence / 2, len(differences) - 1) * statistics.stdev(differences) \
+        / math.sqrt(len(differences))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(differences)}
+
+
+def baseline_variant(variants: list[str]) -> Optional[str]:
+    return "no_retention" if "no_retention" in variants and len(variants) > 1 else None
+
+
+def comparisons(runs: list[dict[str, Any]], variants: list[str], stages: list[str]) -> list[dict[str, Any]]:
+    """Each variant minus the baseline, per stage, on every metric and audio/AV task, paired by seed."""
+    baseline = baseline_variant(variants)
+    if baseline is None:
+        return []
+
+    def by_seed(variant: str, stage: str, value) -> dict[int, float]:
+        return {r["seed"]: value(r) for r in runs
+                if r["variant"] == variant and r["stage"] == stage and r["metrics"]}
+
+    out = []
+    for stage in stages:
+        for variant in (v for v in variants if v != baseline):
+            differences = {key: paired_difference(by_seed(variant, stage, lambda r: r["metrics"][key]),
+                                                  by_seed(baseline, stage, lambda r: r["metrics"][key]))
+                           for key in METRICS}
+            tasks = sorted({t for r in runs if r["stage"] == stage and r["tasks"] for t in r["tasks"]})
+            differences.update({f"task:{task}": paired_difference(
+                by_seed(variant, stage, lambda r: (r["tasks"] or {}).get(task)),
+                by_seed(baseline, stage, lambda r: (r["tasks"] or {}).get(task))) for task in tasks})
+            out.append({"variant": variant, "baseline": baseline, "stage": stage, "differences": differences})
+    return out
 
 
 def stage_verdict(stage_dir: Path) -> Optional[str]:
@@ -107,6 +164,7 @@ def build(out: Path, manifest: Manifest) -> dict[str, Any]:
             "exit_code": row.get("exit_code"), "message": row.get("message") if summary is None else None,
             "attempts": row["attempt_count"], "seconds": row["last_seconds"], "log": row.get("log"),
             "metrics": run_metrics(summary) if summary else None,
+            "tasks": task_accuracies(summary) if summary else None,
             "examples_per_second": (summary or {}).get("examples_per_second"),
         })
     rows = []
@@ -121,10 +179,13 @@ def build(out: Path, manifest: Manifest) -> dict[str, Any]:
                 "variant": variant, "stage": stage, "runs": len(mine), "done": len(done), "verdicts": verdicts,
                 "seeds_done": [r["seed"] for r in done], "failures": failures,
                 "metrics": {key: _aggregate([r["metrics"][key] for r in done]) for key in METRICS},
+                "tasks": {task: _aggregate([r["tasks"].get(task) for r in done])
+                          for task in sorted({t for r in done for t in r["tasks"]})},
+                "examples_per_second": _aggregate([r["examples_per_second"] for r in done]),
             })
     return {"schema": SCHEMA, "profile": manifest.profile, "overrides": manifest.overrides,
             "grid": {"variants": manifest.variants, "seeds": manifest.seeds, "stages": manifest.stages},
-            "rows": rows, "runs": runs}
+            "rows": rows, "comparisons": comparisons(runs, manifest.variants, manifest.stages), "runs": runs}
 
 
 # --------------------------------------------------------------------------- rendering
@@ -140,6 +201,18 @@ def fmt(metric: str, aggregate: dict[str, Any], sep: str = " ± ") -> str:
     delta = metric.startswith("vl_delta")
     text = f"{100 * mean:+.1f}" if delta else f"{100 * mean:.1f}%"
     return text + (f"{sep}{100 * std:.1f}" if std is not None else "")
+
+
+def difference_text(metric: str, difference: Optional[dict[str, Any]]) -> str:
+    """"+12.5 [+3.1, +21.9]": a paired difference in points (a ratio for compute), with its interval."""
+    if not difference or difference["mean"] is None:
+        return "–"
+    scale, form = (1, "{:+.2f}") if metric == "relative_compute" else (100, "{:+.1f}")
+    text = form.format(scale * difference["mean"])
+    if difference["ci95"]:
+        low, high = difference["ci95"]
+        text += f" [{form.format(scale * low)}, {form.format(scale * high)}]"
+    return text
 
 
 def failure_text(row: dict[str, Any]) -> str:
@@ -163,6 +236,28 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {row['variant']} | {row['stage']} | {row['done']}/{row['runs']} | " + " | ".join(cells)
                      + f" | {verdict_text(row.get('verdicts') or {})}"
                      + f" | {'**' + failure_text(row) + '**' if row['failures'] else '0'} |")
+    tasks = sorted({t for row in report["rows"] for t in row.get("tasks") or {}})
+    if tasks:
+        lines += ["", "## Audio and AV tasks", "",
+                  "SAFE's accuracy per task, and training speed; mean ± std over seeds.", "",
+                  "| variant | stage | " + " | ".join(tasks) + " | examples/s |",
+                  "|---|---|" + "---|" * (len(tasks) + 1)]
+        for row in report["rows"]:
+            speed = row.get("examples_per_second") or {"mean": None}
+            lines.append(f"| {row['variant']} | {row['stage']} | "
+                         + " | ".join(fmt("accuracy", row["tasks"].get(t, {"mean": None, "std": None})) for t in tasks)
+                         + " | " + (f"{speed['mean']:.0f}" + (f" ± {speed['std']:.0f}" if speed.get("std") else "")
+                                    if speed["mean"] is not None else "–") + " |")
+    compared = report.get("comparisons") or []
+    if compared:
+        keys = list(METRICS) + [f"task:{t}" for t in tasks]
+        lines += ["", f"## Against {compared[0]['baseline']}", "",
+                  "Variant minus baseline in points, paired by seed: mean [95% t-interval over seeds].", "",
+                  "| variant | stage | " + " | ".join(METRICS.get(k, k[5:]) for k in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for row in compared:
+            lines.append(f"| {row['variant']} | {row['stage']} | "
+                         + " | ".join(difference_text(k, row["differences"].get(k)) for k in keys) + " |")
     failed = [r for r in report["runs"] if r["state"] != state.DONE]
     if failed:
         lines += ["", "## Runs not finished", ""]
