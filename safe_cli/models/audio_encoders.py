@@ -210,6 +210,10 @@ class WhisperEncoder(AudioEncoder):
         width = max(self.feature_lengths(waves)) if self.trim_to_clip else self.num_frames
         return torch.arange(width)[None, :] < self._clip_positions(waves)[:, None]
 
+    def _encode_window(self, mel: torch.Tensor) -> torch.Tensor:
+        """whisper's own ``AudioEncoder.forward`` over the full window's log-mel."""
+        return self.encoder(mel)
+
     def _encode_positions(self, mel: torch.Tensor) -> torch.Tensor:
         """whisper's ``AudioEncoder.forward`` over 2T mel frames, with the first T positional rows.
 
@@ -227,7 +231,7 @@ class WhisperEncoder(AudioEncoder):
     def forward(self, waves: Sequence[Waveform]) -> torch.Tensor:
         dtype = next(self.encoder.parameters()).dtype
         if not self.trim_to_clip:
-            return self.encoder(self.log_mel(waves).to(dtype))
+            return self._encode_window(self.log_mel(waves).to(dtype))
         lengths = self.feature_lengths(waves)
         out: Optional[torch.Tensor] = None
         for length in sorted(set(lengths)):  # one forward per rounded length: no clip sees another's padding
@@ -350,6 +354,10 @@ def load_audio_encoder(
         encoder = WhisperEncoder.tiny(
             cfg.tiny_state, cfg.tiny_layers, cfg.tiny_heads, seed or 0, cfg.tiny_window_seconds, trim
         ).to(device)
+    elif cfg.kind == "whisper" and cfg.whisper.backend == "ctranslate2":
+        from .ctranslate2_encoder import CTranslate2WhisperEncoder
+
+        encoder = CTranslate2WhisperEncoder.load(cfg.whisper.name_or_path, cfg.whisper.compute_type, device, trim)
     elif cfg.kind == "whisper":
         encoder = WhisperEncoder.load(cfg.whisper.name_or_path, device, trim)
     elif cfg.kind == "clap":
