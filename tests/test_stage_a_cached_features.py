@@ -78,6 +78,10 @@ def test_a_cache_without_the_clips_names_them_and_the_fix(cache, feature_cache, 
     with pytest.raises(SafeError, match=r"data.audio_features: \d+ of \d+ clips are not in .*safe encode-audio"):
         StageATrainer(fsdd_profile(f"data.audio_features={empty}"), variant="no_retention", seed=0,
                       run_dir=tmp_path / "run").build()
+    # The same encoder's features made faithfully, asked for trimmed: the message says so.
+    with pytest.raises(SafeError, match=r"has this encoder's features as faithful, and this profile asks for trim50"):
+        StageATrainer(fsdd_profile(f"data.audio_features={feature_cache}", "audio_encoder.whisper.trim_to_clip=true"),
+                      variant="no_retention", seed=0, run_dir=tmp_path / "run3").build()
     with pytest.raises(SafeError, match="data.audio_features: .* is not a feature cache"):
         StageATrainer(fsdd_profile(f"data.audio_features={tmp_path / 'nothing'}"), variant="no_retention", seed=0,
                       run_dir=tmp_path / "run2").build()

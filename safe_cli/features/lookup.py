@@ -40,8 +40,22 @@ def cached_clip_features(paths: Sequence[str], cache_dir: str, encoder) -> dict[
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise SafeError(f"{KEY}: {len(missing)} of {len(set(paths))} clips are not in {directory} for this encoder "
                         f"({fingerprint[:60]}...): {shown}; run `safe encode-audio --input <their folder> "
-                        f"--output {directory} --profile <this profile>` first")
+                        f"--output {directory} --profile <this profile>` first" + _other_variants(cache, fingerprint))
     return features
+
+
+def _other_variants(cache: FeatureCache, fingerprint: str) -> str:
+    """A hint when the cache holds the same weights' features made with other settings: the
+    usual cause is encoding with --trim (or a backend) and training without it, or the reverse."""
+    weights = fingerprint.split("+", 1)[0]
+    variants = sorted(fp.split("+", 1)[1] if "+" in fp else "faithful" for fp in cache.entries()
+                      if fp != fingerprint and fp.split("+", 1)[0] == weights)
+    if not variants:
+        return ""
+    ours = fingerprint.split("+", 1)[1] if "+" in fingerprint else "faithful"
+    return (f". The cache has this encoder's features as {', '.join(variants)}, and this profile asks for {ours}: "
+            "match audio_encoder.whisper.trim_to_clip (encode-audio --trim) and audio_encoder.whisper.backend "
+            "to the settings the cache was made with")
 
 
 def stack_features(rows: Sequence[Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
