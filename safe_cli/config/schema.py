@@ -179,8 +179,9 @@ class WhisperConfig(Section):
         "openai-whisper",
         description="What runs the encoder's forward: openai-whisper (PyTorch, the reference) or ctranslate2 "
         "(CTranslate2's Whisper.encode in compute_type; needs a CTranslate2 folder as name_or_path and kind "
-        "whisper). bench/ctranslate2_encoder.py: in int8 faster on trimmed clips, slower on the 30 s window; its "
-        "features differ, so caches keep them apart and training must name the same backend.",
+        "whisper). bench/ctranslate2_encoder.py, tiny.en, one CPU thread: int8 3.2x openai-whisper's clips/s on "
+        "trimmed clips, 1.1x on the 30 s window, the same probe accuracy; its features differ, so caches keep "
+        "them apart and training must name the same backend.",
     )
     compute_type: Literal["int8", "int8_float32", "float32", "int8_float16", "int8_bfloat16", "float16",
                           "bfloat16"] = Field(
