@@ -199,10 +199,10 @@ def prepare_audio_encoder(profile: Profile) -> tuple[Path, bool]:
 # --------------------------------------------------------------------------- building both
 
 # Seconds per example seen and per build (data, processing, mel), measured in the demo's cold
-# main job on a 2-core AMD EPYC (family 25 model 17, Zen 4, AVX-512) on 2026-12-03; only the
-# one-line plan before a cold build uses them (vision and audio on one thread each, side by
-# side; the LLM stage on two).
-SECONDS_PER_EXAMPLE = {"vision": 0.00035, "base": 0.0018, "audio": 0.0033}
+# main job on a 2-core AMD EPYC (Zen 4, AVX-512) on 2026-12-04 (bench/cold_main_job.py: vision
+# stage 39.8 s, tiny Whisper 45.2 s beside it, LLM stage 58.6 s); only the one-line plan before
+# a cold build uses them (vision and audio on one thread each, side by side; the LLM stage on two).
+SECONDS_PER_EXAMPLE = {"vision": 0.00022, "base": 0.0011, "audio": 0.0017}
 SECONDS_PER_BUILD = 6.0
 
 
