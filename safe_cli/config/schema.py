@@ -208,6 +208,11 @@ class AudioEncoderConfig(Section):
         "float32", description="Weights of the frozen encoder (bfloat16 halves its memory on a GPU; its features "
         "then differ from float32's, so a feature cache made with another dtype does not match)."
     )
+    memory_cache_mb: int = Field(
+        256, ge=0, description="Stage A keeps each clip's features in memory after its first encoding, up to "
+        "this many MiB on the encoder's device (the encoder is frozen: a clip's features depend on its samples "
+        "alone); 0 encodes every clip every time. Not used with data.audio_features.",
+    )
     whisper: WhisperConfig = Field(default_factory=WhisperConfig, description="Settings for whisper and both.")
     clap: ClapConfig = Field(default_factory=ClapConfig, description="Settings for clap and both.")
     tiny_state: int = Field(64, ge=8, description="tiny-whisper: encoder width.")

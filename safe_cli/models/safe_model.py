@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ..features.memo import FeatureMemo
 from .audio_encoders import AudioEncoder, Waveform
 from .base import BaseVLModel
 from .fusion_adapter import AudioReadout, FusionAdapter
@@ -62,6 +63,8 @@ class SAFEModel(nn.Module):
         # fusion blocks compute in this dtype under torch.autocast, their weights stay float32.
         # The base is never autocast: budget-0 rows remain the base's own arithmetic.
         self.autocast_dtype: Optional[torch.dtype] = None
+        # Stage A sets it (audio_encoder.memory_cache_mb): each clip's frozen features, encoded once.
+        self.feature_memo: Optional[FeatureMemo] = None
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -95,7 +98,9 @@ class SAFEModel(nn.Module):
         if self.audio_encoder is None:
             raise ValueError("this SAFEModel has no audio encoder; pass audio_features instead of audio")
         with torch.no_grad():
-            return self.audio_encoder(waves)
+            if self.feature_memo is None:
+                return self.audio_encoder(waves)
+            return self.feature_memo.encode(self.audio_encoder, waves, self.audio_encoder.feature_lengths(waves))
 
     def audio_tokens(
         self,

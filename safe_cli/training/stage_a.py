@@ -50,6 +50,7 @@ from ..data.dataset import with_distractors
 from ..data.sources import evaluation_records, make_pool, records_of, training_and_validation
 from ..errors import RunFailed, SafeError
 from ..evaluation.tasks import TaskResult, audio_accuracy_by_budget, audio_task, evaluate
+from ..features.memo import memo_for
 from ..foundation.prepare import load_prepared_models
 from ..models.builder import apply_precision, build_trainable, resolve_device
 from ..models.safe_model import SAFEModel
@@ -236,6 +237,9 @@ class StageATrainer:
         self.retention_pool = train.view(self.retention_records)
         self.test_pool = make_pool(profile, evaluation_records(test_records, profile.seed, train.distractors), rate,
                                    encoder=encoder)
+        if not profile.data.audio_features:  # features from a cache never reach the encoder
+            clips = {r.audio for r in list(train_records) + list(test_records) if r.audio}
+            self.model.feature_memo = memo_for(encoder, len(clips), profile.audio_encoder.memory_cache_mb * 2**20)
 
         trainable = dict(self.model.trainable_named_parameters())
         self.trainable = trainable
