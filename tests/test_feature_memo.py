@@ -37,9 +37,9 @@ def test_each_row_is_the_clip_encoded_alone_whatever_batch_it_came_in(trim):
     waves = clips(0, 6)
     encoder = counting.encoder
     # Two batches that share clips, in another order, with one clip twice in the same batch.
-    first = memo.encode(counting, waves[:4], encoder.feature_lengths(waves[:4]))
+    first = memo.encode(counting, waves[:4])
     second_batch = [waves[5], waves[2], waves[5], waves[0], waves[4]]
-    second = memo.encode(counting, second_batch, encoder.feature_lengths(second_batch))
+    second = memo.encode(counting, second_batch)
     assert counting.clips == 6, "each distinct clip is encoded once, a repeat in one batch too"
     assert (memo.hits, memo.misses) == (3, 6)
     for batch, out in ((waves[:4], first), (second_batch, second)):

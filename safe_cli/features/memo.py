@@ -8,8 +8,8 @@ computed once, on the first batch that holds the clip, and read back afterwards.
 
 Keyed by a hash of the samples (blake2b, 128 bits), not by record id, so two records of one
 file share an entry and a changed file never hits a stale one. Rows are stored as the encoder
-returned them, cut to the clip's own feature length (``feature_lengths``), on the encoder's
-device.
+returned them for the clip alone (its own feature length), on the encoder's device, and a
+batch is stacked as a feature cache's clips are (``lookup.stack_features``).
 
 A clip the memo has not seen is encoded alone, never with the other clips of its batch: a
 GEMM's rounding can depend on how many rows it has, so this way a clip's features are the same
@@ -28,6 +28,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .lookup import stack_features
 
 Encoder = Callable[[Sequence], torch.Tensor]
 
@@ -49,38 +51,30 @@ class FeatureMemo:
         self.hits = 0
         self.misses = 0
 
-    def encode(self, encoder: Encoder, waves: Sequence, lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def encode(self, encoder: Encoder, waves: Sequence) -> torch.Tensor:
         """``encoder(waves)`` as (B, T, D), T the longest row (zeros past a shorter clip's rows, as a
         trimmed encoder returns them), running the encoder on the clips not seen before only.
 
-        ``lengths``: each clip's feature rows (``AudioEncoder.feature_lengths``); None: all rows.
+        A clip encoded alone comes back exactly as long as its own features (a trimmed encoder
+        pads only to the batch's longest clip), so its row is stored whole.
         """
+        rows: dict[bytes, torch.Tensor] = {}  # this batch's clips, each once
         keys = [clip_key(wave) for wave in waves]
-        fresh: dict[bytes, torch.Tensor] = {}
-        missing: list[int] = []  # the first row of each clip not in the memo
-        seen: set[bytes] = set()
-        for i, key in enumerate(keys):
-            if key not in self.rows and key not in seen:
-                seen.add(key)
-                missing.append(i)
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
-        for i in missing:
-            features = encoder([waves[i]])  # alone: see the module's docstring
-            length = features.shape[1] if lengths is None else int(lengths[i])
-            row = features[0, :length].clone()
-            fresh[keys[i]] = row
-            size = row.numel() * row.element_size()
-            if self.bytes + size <= self.max_bytes:
-                self.rows[keys[i]] = row
-                self.bytes += size
-        rows = [self.rows.get(key, fresh.get(key)) for key in keys]
-        width = max(row.shape[0] for row in rows)
-        out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
-        for i, row in enumerate(rows):
-            out[i, : row.shape[0]] = row
-        return out
-
+        for key, wave in zip(keys, waves):
+            if key in rows:
+                self.hits += 1
+            elif key in self.rows:
+                self.hits += 1
+                rows[key] = self.rows[key]
+            else:
+                self.misses += 1
+                row = encoder([wave])[0].clone()  # alone: see the module's docstring
+                rows[key] = row
+                size = row.numel() * row.element_size()
+                if self.bytes + size <= self.max_bytes:
+                    self.rows[key] = row
+                    self.bytes += size
+        return stack_features([rows[key] for key in keys])["audio_features"]
 
 def memo_for(encoder, clips: int, max_bytes: int) -> Optional[FeatureMemo]:
     """A memo for a run of ``clips`` distinct clips, or None when they may not all fit in

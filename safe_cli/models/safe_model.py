@@ -100,7 +100,7 @@ class SAFEModel(nn.Module):
         with torch.no_grad():
             if self.feature_memo is None:
                 return self.audio_encoder(waves)
-            return self.feature_memo.encode(self.audio_encoder, waves, self.audio_encoder.feature_lengths(waves))
+            return self.feature_memo.encode(self.audio_encoder, waves)
 
     def audio_tokens(
         self,
