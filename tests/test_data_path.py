@@ -283,3 +283,34 @@ def test_a_multi_turn_record_labels_every_answer_and_nothing_else(cache):
     assert labelled == [["3", "</s>", "7", "</s>"], ["2", "</s>"]]
     prompt = batcher.prompt(Query("What is 3 plus 4?", image, history=(("Which digit is shown?", "3"),)))
     assert prompt == "USER: <image>\nWhich digit is shown? ASSISTANT: 3</s>USER: What is 3 plus 4? ASSISTANT:"
+
+
+def test_a_tokenizer_that_encodes_a_prefix_otherwise_than_the_whole_is_an_error_naming_it(cache):
+    # Labels come from the token counts of the conversation's prefixes; a tokenizer merging across
+    # an answer's boundary would shift them silently, so a prefix that does not start the whole
+    # conversation's tokens must stop the batch.
+    from safe_cli.data.batches import PromptBatcher, Query
+    from safe_cli.foundation.prepare import load_prepared_models
+
+    base, _ = load_prepared_models(load_profile("demo", FAST))
+    batcher = PromptBatcher(base)
+    real = batcher.tokenizer
+    merging_before = "USER: What is 1 plus 1? ASSISTANT:"
+
+    class MergesAtTheAnswer:
+        def __call__(self, texts, **kwargs):
+            out = real(texts, **kwargs)
+            if isinstance(texts, list):
+                out["input_ids"] = [ids[:-1] + [ids[-1] + 1] if text == merging_before else ids
+                                    for text, ids in zip(texts, out["input_ids"])]
+            return out
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    batcher.tokenizer = MergesAtTheAnswer()
+    queries = [Query("What is 3 plus 4?", None, "7"), Query("What is 1 plus 1?", None, "2")]
+    with pytest.raises(ValueError, match="differently from its prefix.*1 plus 1\\? ASSISTANT:"):
+        batcher.for_training(queries)
+    batcher.tokenizer = real
+    assert batcher.for_training(queries)["labels"].ne(-100).sum() == 4

@@ -185,3 +185,75 @@ def test_the_cache_honours_safe_cache_dir_then_xdg_cache_home(monkeypatch, tmp_p
         else:
             monkeypatch.setenv(name, value)
     assert cache_root() == Path(expected.replace("~", str(tmp_path)))
+
+
+def _side_by_side(monkeypatch):
+    import os
+
+    monkeypatch.setattr(prep, "SIDE_BY_SIDE_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+
+def _wait_for(condition, seconds: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _building(kind_dir: Path) -> bool:
+    return kind_dir.is_dir() and any(p.name.startswith(".") and p.is_dir() for p in kind_dir.iterdir())
+
+
+def test_work_meanwhile_runs_beside_the_encoder_child_and_its_error_stops_the_child(cache, monkeypatch):
+    # Stage A reads its data inside FoundationPretraining: the tiny Whisper pretrains meanwhile
+    # in a child; an error there (a bad manifest) must stop the child at once and leave no entry.
+    from safe_cli.errors import SafeError
+
+    _side_by_side(monkeypatch)
+    profile = load_profile("demo", FAST + ["audio_encoder.tiny_pretrain.steps=100000"])
+    with pytest.raises(SafeError, match="bad manifest"):
+        with prep.FoundationPretraining(profile) as pretraining:
+            child = pretraining._child
+            assert child is not None and child.is_alive()
+            _wait_for(lambda: _building(cache / "tiny-whisper"))  # the child is building its entry
+            raise SafeError("bad manifest")
+    assert not child.is_alive()
+    assert [p.name for p in (cache / "tiny-whisper").iterdir() if not p.name.endswith(".lock")] == []
+    assert prep.missing_models(profile) == ["tiny LLaVA", "tiny Whisper"]
+
+
+def test_an_encoder_child_that_dies_is_an_error_not_a_hang(cache, monkeypatch):
+    import os
+    import signal
+
+    from safe_cli.errors import SafeError
+
+    _side_by_side(monkeypatch)
+    profile = load_profile("demo", FAST + ["audio_encoder.tiny_pretrain.steps=100000"])
+    with pytest.raises(SafeError, match="tiny Whisper: its process ended with exit code -9"):
+        with prep.FoundationPretraining(profile) as pretraining:
+            _wait_for(lambda: _building(cache / "tiny-whisper"))
+            os.kill(pretraining._child.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+
+
+def test_the_encoder_childs_own_error_is_raised_in_the_parent(cache, monkeypatch):
+    import multiprocessing
+    import signal
+
+    from safe_cli.errors import SafeError
+
+    def fails(profile):
+        raise SafeError("audio_encoder.tiny_pretrain: cannot build")
+
+    monkeypatch.setattr(prep, "prepare_audio_encoder", fails)
+    monkeypatch.setattr(prep.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the child's SIGTERM handler, not pytest's
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    prep._build_audio_encoder_alone(load_profile("demo", FAST), sender)  # what the child runs
+    pretraining = prep.FoundationPretraining(load_profile("demo", FAST))
+    pretraining._results, pretraining._child = receiver, type("Done", (), {"join": lambda self: None})()
+    with pytest.raises(SafeError, match="cannot build"):
+        pretraining._wait_for_encoder()

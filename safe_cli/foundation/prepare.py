@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..config.schema import Profile
 from ..data import avdigits
 from ..data.batches import PromptBatcher, generate_answers
 from ..data.scoring import is_correct
+from ..errors import SafeError
 from ..models.audio_encoders import AudioEncoder, WhisperEncoder, load_audio_encoder
 from ..models.base import BaseVLModel, load_base, load_base_from_directory
 from . import pretrain
@@ -250,40 +250,108 @@ def planned_seconds(profile: Profile, missing: list[str]) -> float:
     return first + llm
 
 
-def _build_audio_encoder_alone(profile: Profile) -> None:
-    """The encoder's build in its own process, one thread, no progress bar (the base's is shown)."""
-    os.environ["SAFE_NO_PROGRESS"] = "1"
-    torch.set_num_threads(1)
-    prepare_audio_encoder(profile)
+def _build_audio_encoder_alone(profile: Profile, results) -> None:
+    """The encoder's build in its own process, one thread, no progress bar (the base's is shown).
 
-
-def ensure_foundation(profile: Profile) -> None:
-    """Pretrain the profile's built-in models that are not cached, saying so first in one line.
-
-    When both are missing, the encoder is built in a child process on one thread while this one
-    runs the base's vision stage on one thread; the base's LLM stage then has every thread. The
-    cache's lock and atomic rename keep this safe against other processes too.
+    Sends ``None`` or the error through ``results`` (one end of a pipe), for the parent to raise.
     """
-    missing = missing_models(profile)
-    if not missing:
+    import signal
+
+    os.environ["SAFE_NO_PROGRESS"] = "1"
+    # Stopped by the parent (it met an error meanwhile): leave by an exception, so the cache
+    # removes the half-built entry's temporary folder.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    torch.set_num_threads(1)
+    try:
+        prepare_audio_encoder(profile)
+    except Exception as error:  # noqa: BLE001 - every error goes to the parent, which raises it
+        results.send(error)
         return
-    print(f"pretraining the {profile.name} profile's built-in {' and '.join(missing)}, about "
-          f"{planned_seconds(profile, missing):.0f} s on a 2-core CPU, once; cached in {cache_root()}",
-          file=sys.stderr, flush=True)
-    if _side_by_side(profile, missing):
-        threads = torch.get_num_threads()
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            encoder = pool.submit(_build_audio_encoder_alone, profile)
+    results.send(None)
+
+
+class FoundationPretraining:
+    """Pretraining of the profile's built-in models that are not cached, begun before other work.
+
+    Entered, it says in one line what it will build and, when both models are missing on 2+
+    cores, starts the tiny Whisper's pretraining in a child process on one thread. The caller's
+    own work (Stage A reads its data: on the demo's first run, a 10 s export) then runs beside
+    that child instead of before it. Left normally, it builds the base: the vision stage on one
+    thread beside the child, then, with the encoder done, the LLM stage on every thread. Left by
+    an error, it stops the child, so a bad manifest is reported at once. The cache's lock and
+    atomic rename keep this safe against other processes too.
+    """
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.missing = missing_models(profile)
+        self._child = None
+        self._results = None
+
+    def __enter__(self) -> "FoundationPretraining":
+        if not self.missing:
+            return self
+        print(f"pretraining the {self.profile.name} profile's built-in {' and '.join(self.missing)}, about "
+              f"{planned_seconds(self.profile, self.missing):.0f} s on a 2-core CPU, once; cached in {cache_root()}",
+              file=sys.stderr, flush=True)
+        if _side_by_side(self.profile, self.missing):
+            context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
+            self._results, sender = context.Pipe(duplex=False)
+            self._child = context.Process(target=_build_audio_encoder_alone, args=(self.profile, sender),
+                                          name="safe-pretrain-tiny-whisper", daemon=True)
+            self._child.start()
+            sender.close()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is not None:
+            self._stop()
+            return
+        try:
+            self._finish()
+        finally:
+            self._stop()
+
+    def _finish(self) -> None:
+        profile = self.profile
+        if self._child is not None:
+            threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
                 prepare_vision_stage(profile)
             finally:
                 torch.set_num_threads(threads)
-            encoder.result()  # re-raises the child's error here
-    if "tiny LLaVA" in missing:
-        prepare_base(profile)
-    if "tiny Whisper" in missing:
-        prepare_audio_encoder(profile)  # found in the cache when the child built it
+            self._wait_for_encoder()
+        if "tiny LLaVA" in self.missing:
+            prepare_base(profile)
+        if "tiny Whisper" in self.missing:
+            prepare_audio_encoder(profile)  # found in the cache when the child built it
+
+    def _wait_for_encoder(self) -> None:
+        """The child's end; its error raised here, or one saying how it died."""
+        try:
+            error = self._results.recv()
+        except EOFError:  # it died before sending anything (killed, out of memory)
+            self._child.join()
+            raise SafeError(f"pretraining the tiny Whisper: its process ended with exit code {self._child.exitcode} "
+                            "before it finished") from None
+        self._child.join()
+        if error is not None:
+            raise error
+
+    def _stop(self) -> None:
+        if self._child is not None:
+            if self._child.is_alive():
+                self._child.terminate()
+            self._child.join()
+            self._results.close()
+            self._child = None
+
+
+def ensure_foundation(profile: Profile) -> None:
+    """Pretrain the profile's built-in models that are not cached, saying so first in one line."""
+    with FoundationPretraining(profile):
+        pass
 
 
 # --------------------------------------------------------------------------- loading

@@ -51,7 +51,7 @@ from ..data.sources import evaluation_records, make_pool, records_of, training_a
 from ..errors import RunFailed, SafeError
 from ..evaluation.tasks import TaskResult, audio_accuracy_by_budget, audio_task, evaluate
 from ..features.memo import memo_for
-from ..foundation.prepare import load_prepared_models
+from ..foundation.prepare import FoundationPretraining, load_prepared_models
 from ..models.builder import apply_precision, build_trainable, resolve_device
 from ..models.safe_model import SAFEModel
 from ..progress import progress_bar
@@ -211,15 +211,18 @@ class StageATrainer:
 
     def build(self) -> None:
         profile = self.profile
-        # The data first: a broken manifest is reported before any model is loaded or built.
-        train_records, _ = training_and_validation(profile)
-        self.alignment_records = train_records.of_kinds(ALIGNMENT_KINDS)
-        self.retention_records = train_records.of_kinds(RETENTION_KINDS)
-        self.train_size = len(train_records)
-        check_training_records(train_records, self.alignment_records, self.retention_records, self.variant,
-                               self.variant_name)
-        test_records = records_of(profile, "test")
-        base, encoder = load_prepared_models(profile, self.device)
+        # The data first: a broken manifest is reported before any model is loaded or built. A
+        # built-in tiny Whisper that must be pretrained starts meanwhile in a child process (on the
+        # demo's first run the data is a 10 s export); a broken manifest stops it.
+        with FoundationPretraining(profile):
+            train_records, _ = training_and_validation(profile)
+            self.alignment_records = train_records.of_kinds(ALIGNMENT_KINDS)
+            self.retention_records = train_records.of_kinds(RETENTION_KINDS)
+            self.train_size = len(train_records)
+            check_training_records(train_records, self.alignment_records, self.retention_records, self.variant,
+                                   self.variant_name)
+            test_records = records_of(profile, "test")
+        base, encoder = load_prepared_models(profile, self.device)  # built above when missing
         projector, fusion = build_trainable(profile, base, encoder.feature_dim, self.seed)
         self.model = apply_precision(SAFEModel(base, projector, fusion, encoder).to(self.device), profile)
         self.batcher = PromptBatcher.for_evaluation(base, profile.evaluation)
