@@ -257,3 +257,15 @@ def test_the_encoder_childs_own_error_is_raised_in_the_parent(cache, monkeypatch
     pretraining._results, pretraining._child = receiver, type("Done", (), {"join": lambda self: None})()
     with pytest.raises(SafeError, match="cannot build"):
         pretraining._wait_for_encoder()
+
+
+def test_a_cold_build_before_stage_a_shows_our_line_not_hugging_faces_bars(cache, monkeypatch, capfd):
+    from transformers.utils import logging as hf_logging
+
+    _side_by_side(monkeypatch)
+    hf_logging.enable_progress_bar()  # as in a fresh process
+    with prep.FoundationPretraining(load_profile("demo", FAST)):
+        pass
+    err = capfd.readouterr().err
+    assert "pretraining the demo profile's built-in" in err
+    assert "Loading weights" not in err and "Writing model shards" not in err

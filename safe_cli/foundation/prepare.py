@@ -250,6 +250,12 @@ def planned_seconds(profile: Profile, missing: list[str]) -> float:
     return first + llm
 
 
+def _quiet_hugging_face() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what happens; HF's per-shard bars are noise
+
+
 def _build_audio_encoder_alone(profile: Profile, results) -> None:
     """The encoder's build in its own process, one thread, no progress bar (the base's is shown).
 
@@ -291,6 +297,7 @@ class FoundationPretraining:
     def __enter__(self) -> "FoundationPretraining":
         if not self.missing:
             return self
+        _quiet_hugging_face()
         print(f"pretraining the {self.profile.name} profile's built-in {' and '.join(self.missing)}, about "
               f"{planned_seconds(self.profile, self.missing):.0f} s on a 2-core CPU, once; cached in {cache_root()}",
               file=sys.stderr, flush=True)
@@ -367,9 +374,7 @@ def load_prepared_audio_encoder(profile: Profile, device: Union[str, torch.devic
 
 def load_prepared_models(profile: Profile, device: Union[str, torch.device] = "cpu") -> tuple[BaseVLModel, AudioEncoder]:
     """The profile's frozen base and audio encoder, with the built-in tiny ones pretrained (cached)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own bars say what happens; HF's per-shard bars are noise
+    _quiet_hugging_face()
     ensure_foundation(profile)
     if profile.base.kind == "tiny-llava":
         directory, _ = prepare_base(profile)
@@ -422,9 +427,7 @@ class PrepareReport:
 
 def prepare(profile: Profile, device: Union[str, torch.device] = "cpu") -> PrepareReport:
     """Build or load the foundation models and measure them on the test split."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own bars say what happens; HF's per-shard bars are noise
+    _quiet_hugging_face()
     timings: dict[str, float] = {}
     pretraining: dict[str, dict] = {}
     base_path = audio_path = None
