@@ -469,3 +469,13 @@ def test_non_utf8_profile_is_a_clear_error(tmp_path):
 def test_dump_round_trips_variant_names_yaml_would_retype(tmp_path, variant_name):
     profile = load_profile("demo", [f"retention.variants.{variant_name}.fisher_weight=0.3"])
     assert Profile.model_validate(yaml.safe_load(dump_profile(profile))) == profile
+
+
+def test_a_section_set_in_part_keeps_the_rest_of_its_own_default():
+    # base.vision_pretrain defaults to 1200 x 128 at 6e-3, a bare PretrainConfig to 2500 x 32 at
+    # 2e-3: setting its steps alone must not also change its batch and rate.
+    profile = load_profile("demo", ["base.vision_pretrain.steps=800", "audio_encoder.tiny_pretrain.batch_size=16"])
+    assert profile.base.vision_pretrain.model_dump() == {
+        "steps": 800, "batch_size": 128, "lr": 6e-3, "warmup_steps": 50, "weight_decay": 0.01}
+    assert (profile.audio_encoder.tiny_pretrain.steps, profile.audio_encoder.tiny_pretrain.batch_size) == (600, 16)
+    assert load_profile("demo", ["base.pretrain.lr=1e-3"]).base.pretrain.steps == 1500

@@ -100,7 +100,7 @@ def prepare_vision_stage(profile: Profile) -> tuple[Path, bool]:
 
     Its own cache entry, as CLIP is its own model: the base's second stage starts from it, a
     change to that stage's settings reuses it, and it can be built beside the audio encoder
-    (see :func:`ensure_foundation`).
+    (see :class:`FoundationPretraining`).
     """
 
     def build(directory: Path) -> None:
