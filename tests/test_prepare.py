@@ -14,7 +14,8 @@ from safe_cli.cache import cached_directory
 
 # A few steps each: these tests check the plumbing, not the accuracy (the note reports that).
 FAST = [
-    "base.vision_pretrain.steps=3", "base.pretrain.steps=3", "base.pretrain.batch_size=4",
+    "base.vision_pretrain.steps=3", "base.vision_pretrain.batch_size=32", "base.pretrain.steps=3",
+    "base.pretrain.batch_size=4",
     "audio_encoder.tiny_pretrain.steps=3", "audio_encoder.tiny_pretrain.batch_size=4",
     "data.num_train=8", "data.num_eval=3",
 ]

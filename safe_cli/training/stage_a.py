@@ -47,7 +47,7 @@ from ..config.schema import Profile
 from ..config.variants import resolve_variant
 from ..data.batches import PromptBatcher
 from ..data.dataset import with_distractors
-from ..data.sources import evaluation_records, make_pool, records_of, training_and_validation
+from ..data.sources import AVDIGITS_SOURCES, evaluation_records, make_pool, records_of, training_and_validation
 from ..errors import RunFailed, SafeError
 from ..evaluation.tasks import TaskResult, audio_accuracy_by_budget, audio_task, evaluate
 from ..features.memo import memo_for
@@ -211,10 +211,12 @@ class StageATrainer:
 
     def build(self) -> None:
         profile = self.profile
-        # The data first: a broken manifest is reported before any model is loaded or built. A
-        # built-in tiny Whisper that must be pretrained starts meanwhile in a child process (on the
-        # demo's first run the data is a 10 s export); a broken manifest stops it.
-        with FoundationPretraining(profile):
+        # The data first: a broken manifest is reported before any model is loaded or built. An
+        # AV-digits source is ours, exported to manifests (10 s on the demo's first run), so there
+        # a built-in tiny Whisper that must be pretrained starts first, in a child process beside
+        # the export (an error meanwhile stops it); a user's manifests are read and checked first.
+        ours = profile.data.source in AVDIGITS_SOURCES
+        with FoundationPretraining(profile) if ours else contextlib.nullcontext():
             train_records, _ = training_and_validation(profile)
             self.alignment_records = train_records.of_kinds(ALIGNMENT_KINDS)
             self.retention_records = train_records.of_kinds(RETENTION_KINDS)
